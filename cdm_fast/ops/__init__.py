@@ -1,0 +1,1 @@
+"""One module per op: reference, validation, public function, autograd, registry entries."""

@@ -1,0 +1,1 @@
+"""Triton kernels, shipped as `cdm_fast.kernels`: one op per module, shared pieces in `common`."""

@@ -1,0 +1,37 @@
+"""Shared test helpers: one relative-error measure, output poisoning, device selection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cdm_fast import device as devices
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; NaN or Inf anywhere counts as infinite error."""
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    if not torch.isfinite(out64).all():
+        return float("inf")
+    return ((out64 - ref64).norm() / ref64.norm().clamp_min(1e-300)).item()
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill a preallocated output with NaN so that any element a kernel forgets to write fails the check."""
+    return t.fill_(float("nan"))
+
+
+def kernel_device() -> torch.device | None:
+    """Where Triton kernels can run in this session: CUDA, the CPU under TRITON_INTERPRET=1, or nowhere."""
+    if torch.cuda.is_available() and not devices.triton_interpret():
+        return torch.device("cuda")
+    if devices.triton_interpret() and devices.triton_available():
+        return torch.device("cpu")
+    return None
+
+
+requires_triton = pytest.mark.skipif(
+    kernel_device() is None, reason="Triton kernels need CUDA or TRITON_INTERPRET=1"
+)
+gpu = pytest.mark.gpu
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
