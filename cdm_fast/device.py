@@ -1,4 +1,4 @@
-"""What the current machine offers the kernels: Triton, the interpreter, compute capability, shared memory, L2.
+"""What this machine offers the kernels: Triton, the interpreter, compute capability, shared memory, L2.
 
 Capability gates in the registry and `cdm-fast doctor` both ask these functions, so the reasons they
 print are the same.

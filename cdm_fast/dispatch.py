@@ -40,6 +40,8 @@ class Implementation:
 
 
 REGISTRY: dict[tuple[str, str], Implementation] = {}
+# op -> factory of labelled sample calls on a device; doctor asks every backend's gate about these.
+EXAMPLE_CALLS: dict[str, Callable[[Any], list[tuple[str, tuple]]]] = {}
 _logged_fallbacks: set[tuple[str, str, str]] = set()
 
 
@@ -51,6 +53,11 @@ def register(impl: Implementation) -> Implementation:
         raise ValueError(f"{impl.op}/{impl.backend} is registered twice")
     REGISTRY[key] = impl
     return impl
+
+
+def register_examples(op: str, factory: Callable[[Any], list[tuple[str, tuple]]]) -> None:
+    """`factory(device)` returns [(label, args)] of representative calls, e.g. [("bf16", (x, freqs, ...))]."""
+    EXAMPLE_CALLS[op] = factory
 
 
 def implementations(op: str) -> list[Implementation]:

@@ -47,7 +47,7 @@ def quantize_rowwise(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def mx_scale_exponent(amax: torch.Tensor) -> torch.Tensor:
-    """ceil(log2(amax / 448)) from the fp32 bits (exact; matches the kernels' bit arithmetic), in [-127, 127]."""
+    """ceil(log2(amax / 448)) from the fp32 bits, exactly as the kernels compute it; in [-127, 127]."""
     ratio = (amax.float() / E4M3_MAX).contiguous()
     bits = ratio.view(torch.int32)
     biased = (bits >> 23) & 0xFF

@@ -22,7 +22,7 @@ import math
 import torch
 
 from cdm_fast import device as devices
-from cdm_fast.dispatch import Implementation, register, requested_backend, select
+from cdm_fast.dispatch import Implementation, register, register_examples, requested_backend, select
 from cdm_fast.float8 import (
     FLOAT8_SCALINGS,
     Float8Scaling,
@@ -85,7 +85,7 @@ def _validate(
         if t.device != x.device:
             raise ValueError(f"{name}: expected device {x.device} (x's), got {t.device}")
     if x.dim() < 1:
-        raise ValueError(f"x: expected (..., d_in), got a 0-d tensor")
+        raise ValueError("x: expected (..., d_in), got a 0-d tensor")
     if freqs.dim() != 2 or freqs.shape[0] != x.shape[-1]:
         raise ValueError(
             f"freqs: expected (d_in, m) = ({x.shape[-1]}, m) to match x's last dim, got {tuple(freqs.shape)}"
@@ -98,7 +98,9 @@ def _validate(
             f"got {tuple(weight.shape)}"
         )
     if bias is not None and tuple(bias.shape) != (weight.shape[1],):
-        raise ValueError(f"bias: expected ({weight.shape[1]},) to match weight's d_out, got {tuple(bias.shape)}")
+        raise ValueError(
+            f"bias: expected ({weight.shape[1]},) to match weight's d_out, got {tuple(bias.shape)}"
+        )
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     if fp8_scaling is not None and fp8_scaling not in FLOAT8_SCALINGS:
@@ -236,7 +238,7 @@ def _torch_backward(grad_y, x, freqs, weight, needs_x_grad, needs_freqs_grad):
     grad_phase = (grad_features[:, :m] * cos - grad_features[:, m:] * sin) * (2 * math.pi / math.sqrt(m))
     grad_x = (grad_phase @ freqs_c.T).to(x.dtype) if needs_x_grad else None
     grad_freqs = (x_c.T @ grad_phase).to(freqs.dtype) if needs_freqs_grad else None
-    return grad_x, grad_freqs, grad_weight.to(weight.dtype), grad_bias.to(grad_y.dtype)
+    return grad_x, grad_freqs, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)
 
 
 def _torch_supports(x, freqs, weight, bias, precision, fp8_scaling):
@@ -293,3 +295,44 @@ register(
         tolerances={"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2, "fp8": 1e-2},
     )
 )
+
+
+# ---------------------------------------------------------------- cuda backend (csrc/projection.cu)
+
+
+def _cuda_forward(x, freqs, weight, bias, precision, fp8_scaling):
+    from cdm_fast import _extension
+
+    return _extension.projection_forward_fp8(x, freqs, weight, bias, fp8_scaling)
+
+
+def _cuda_supports(x, freqs, weight, bias, precision, fp8_scaling):
+    from cdm_fast import _extension
+
+    return _extension.projection_supports(x, freqs, weight, bias, precision, fp8_scaling)
+
+
+register(
+    Implementation(
+        op=OP,
+        backend="cuda",
+        forward=_cuda_forward,
+        # The extension has no backward: the Triton kernels differentiate the same function.
+        backward=_triton_backward,
+        supports=_cuda_supports,
+        tolerances={"fp8": 1e-2},
+    )
+)
+
+
+def _example_calls(device: torch.device) -> list[tuple[str, tuple]]:
+    """A small bf16 call per precision, for `cdm-fast doctor` to ask each backend about."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    x = torch.randn(64, 256, device=device, dtype=dtype)
+    freqs = torch.randn(256, 64, device=device, dtype=dtype)
+    weight = torch.randn(128, 96, device=device, dtype=dtype)
+    scaling = default_scaling(device)
+    return [(p, (x, freqs, weight, None, p, scaling)) for p in PRECISIONS]
+
+
+register_examples(OP, _example_calls)

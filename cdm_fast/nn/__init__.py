@@ -1,0 +1,5 @@
+"""nn.Module front ends of the ops."""
+
+from cdm_fast.nn.projector import FourierProjector
+
+__all__ = ["FourierProjector"]

@@ -1,0 +1,118 @@
+"""Pieces every Triton kernel of the package shares: the L2-grouped tile order, shared-memory pruning of
+autotune configs, and the casts and the dot that must also compute correctly under the CPU interpreter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from cdm_fast import device as devices
+
+E4M3_MAX = tl.constexpr(448.0)
+
+
+@triton.jit
+def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program `pid`, walking GROUP_M tile rows column by column.
+
+    Programs that run together then share a few A row-panels and B column-panels, so the operands are
+    read from L2 rather than DRAM (the Triton matmul tutorial's swizzle).
+    """
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _round_to_e4m3_grid(value):
+    # The interpreter's fp32 -> fp8 cast truncates the mantissa and drops the carry of the rounding
+    # (1.94 -> 1.0, not 2.0). Rounding here, exactly, leaves it only representable values to cast.
+    # e4m3 keeps 3 mantissa bits, so the grid spacing is 2^(e - 3), with e clamped at the smallest normal
+    # exponent -6 (subnormals are evenly spaced by 2^-9). Scaling by powers of two is exact, and adding
+    # 1.5 * 2^23 rounds a value below 2^22 to an integer, half to even, in fp32.
+    bits = value.to(tl.int32, bitcast=True)
+    exponent = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
+    inverse_spacing = ((127 + 3 - exponent) << 23).to(tl.float32, bitcast=True)
+    spacing = ((127 - 3 + exponent) << 23).to(tl.float32, bitcast=True)
+    steps = (tl.abs(value) * inverse_spacing + 12582912.0) - 12582912.0
+    magnitude = steps * spacing
+    return tl.where(bits < 0, -magnitude, magnitude)
+
+
+@triton.jit
+def to_e4m3(value, INTERPRET: tl.constexpr):
+    """fp32 -> float8e4nv, round to nearest even, saturating at +-448 (as torch's clamp + cast)."""
+    value = tl.minimum(tl.maximum(value, -E4M3_MAX), E4M3_MAX)
+    if INTERPRET:
+        value = _round_to_e4m3_grid(value)
+    return value.to(tl.float8e4nv)
+
+
+@triton.jit
+def cast(value, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """value.to(dtype), rounding to nearest even as the GPU does."""
+    if INTERPRET and dtype == tl.bfloat16 and value.dtype == tl.float32:
+        # The interpreter's fp32 -> bf16 cast truncates (a bias every sum of stored values inherits):
+        # round the 16 dropped bits half to even first, so that the cast drops zeros.
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        value = bits.to(tl.float32, bitcast=True)
+    return value.to(dtype)
+
+
+@triton.jit
+def dot_in_dtype(a, b, acc, INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc + a @ b with b cast to a's dtype, fp32 accumulation."""
+    b = cast(b, a.dtype, INTERPRET)
+    if INTERPRET and a.dtype == tl.bfloat16:
+        # The interpreter multiplies bf16 tiles as their raw uint16 bits; fp32 holds bf16 values exactly.
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+def autotune_configs(configs: list[triton.Config], interpreter: triton.Config) -> list[triton.Config]:
+    """The autotune candidates for this session: one small config under the interpreter, where timing
+    candidates would take minutes and measure nothing."""
+    return [interpreter] if devices.triton_interpret() else configs
+
+
+def _pipelined_copies(num_stages: int, capability: tuple[int, int] | None) -> int:
+    # Measured with triton.compile: the wgmma pipeline (sm_90, sm_100) keeps num_stages operand tiles in
+    # shared memory, the mma.sync/cp.async pipeline (sm_80, sm_89, sm_120) num_stages - 1.
+    if capability is None or capability[0] in (9, 10):
+        return num_stages
+    return max(num_stages - 1, 1)
+
+
+def prune_by_shared_memory(
+    stage_bytes: Callable[[dict[str, Any], dict[str, Any]], int],
+) -> Callable[..., list[triton.Config]]:
+    """An `early_config_prune` keeping the configs whose pipelined tiles fit the device's shared memory.
+
+    `stage_bytes(meta, args)` is the shared memory of one pipeline stage of a config (meta: the config's
+    constexprs; args: the kernel's arguments by name). When nothing fits, the smallest config is kept.
+    """
+
+    def prune(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
+        args = {**named_args, **kwargs}
+        device = next(v.device for v in args.values() if isinstance(v, torch.Tensor))
+        limit = devices.shared_memory_limit(device)
+        capability = devices.capability(device)
+
+        def shared_bytes(config: triton.Config) -> int:
+            return _pipelined_copies(config.num_stages, capability) * stage_bytes(config.kwargs, args)
+
+        fitting = [c for c in configs if shared_bytes(c) <= limit]
+        return fitting or [min(configs, key=shared_bytes)]
+
+    return prune
