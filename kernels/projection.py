@@ -314,6 +314,8 @@ _FORWARD_GEMM_SHAPES = [
     (128, 64, 64, 4, 4),
     (64, 128, 64, 4, 4),
     (64, 64, 128, 4, 4),
+    # fp32 operands take 4 bytes: on sm_120 (101,376 B per block) only this tile fits their pipeline.
+    (64, 64, 32, 3, 4),
 ]
 
 
