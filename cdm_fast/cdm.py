@@ -1,0 +1,462 @@
+"""CDM: how deep in a basin a causal LM's greedy continuation of a prompt sits (0 to 100).
+
+For a prompt, the model's greedy continuation of at most `max_new_tokens` tokens is taken (stopping at eos).
+The *scored positions* are the positions whose next-token distributions p_t chose the generated tokens: the
+last prompt token and every generated token but the last (eos included when it was generated), T of them.
+Over those positions:
+
+- E, entropy collapse      = mean_t 1 - H(p_t) / log|V|, |V| the logits width
+- S, attention sparsity    = mean over layers l in the last half, heads h, scored queries t of
+                             1 - H(a_lht) / log n_t, with a_lht the eager attention row and n_t the number of
+                             non-padding keys the query may see. Padding keys are left out of the entropy and
+                             the count; rows with n_t = 1 (entropy 0 over log 1) are left out of the mean, and
+                             S = 1 when no row is left (a one-token prompt with one new token).
+- R, basin resistance      = 1 - mean_{k,t} JS(p_t || q_t^k) / log 2, where q^k is the next-token
+                             distribution with the residual stream output of layer `noise_layer` perturbed, at
+                             every token i, by a Gaussian direction scaled to norm noise_scale * ||h_i||
+                             (K = noise_samples draws, seeded from `seed` and the prompt's tokens, so the
+                             numbers are deterministic and do not depend on the batch a prompt lands in).
+- CDM = 100 * (E * S * R) ** (1/3); a prompt is "deep" when CDM >= threshold (default 80).
+
+E, S and the clean p_t come from one eager forward over prompt + completion (`output_attentions=True`), R from
+K more forwards; position ids come from the attention mask, so a prompt scores the same alone and inside a
+left-padded batch. Cost per batch: one greedy generation, 1 + K forwards over prompt + completion; memory is
+dominated by the attention weights, layers x batch x heads x length^2 floats.
+`attention_sparsity_from_weights` is the eager definition of S, the reference for the fused entropy kernel.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+DEFINITION = "cdm_fast.cdm/1"
+DEFAULT_THRESHOLD = 80.0
+
+
+@dataclass
+class CDMResult:
+    """The CDM of one prompt, its three parts (each in [0, 1]) and the parameters that produced it."""
+
+    prompt: str
+    completion: str
+    cdm: float
+    entropy_collapse: float
+    attention_sparsity: float
+    basin_resistance: float
+    n_tokens: int
+    params: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _decoder_layers(model) -> Sequence[torch.nn.Module]:
+    """The list of transformer blocks whose outputs form the residual stream (Llama-, GPT-2-style models)."""
+    bases = [model]
+    if hasattr(model, "get_decoder"):
+        bases.insert(0, model.get_decoder())
+    for base in bases:
+        for name in ("layers", "h", "blocks"):
+            layers = getattr(base, name, None)
+            if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
+                return layers
+    raise TypeError(
+        f"model: cannot find the decoder layers of {type(model).__name__} (looked for .layers, .h)"
+    )
+
+
+def _resolve_attention_layers(attention_layers, num_layers: int) -> list[int]:
+    if isinstance(attention_layers, str):
+        if attention_layers == "last_half":
+            return list(range(num_layers // 2, num_layers))
+        if attention_layers == "all":
+            return list(range(num_layers))
+        raise ValueError(
+            f"attention_layers: expected 'last_half', 'all' or layer indices, got {attention_layers!r}"
+        )
+    layers = [int(index) for index in attention_layers]
+    if not layers or any(not -num_layers <= index < num_layers for index in layers):
+        raise ValueError(
+            f"attention_layers: expected indices in [-{num_layers}, {num_layers}), "
+            f"got {list(attention_layers)}"
+        )
+    return sorted({index % num_layers for index in layers})
+
+
+def _validate(model, tokenizer, prompts, max_new_tokens, noise_scale, noise_samples, batch_size) -> None:
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts: expected a list of str, got {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise ValueError("prompts: expected at least one prompt, got an empty list")
+    for index, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompts[{index}]: expected str, got {type(prompt).__name__}")
+    for name, value in (("max_new_tokens", max_new_tokens), ("noise_samples", noise_samples)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    if not isinstance(noise_scale, (int, float)) or not math.isfinite(noise_scale) or noise_scale < 0:
+        raise ValueError(f"noise_scale: expected a finite number >= 0, got {noise_scale!r}")
+    if not callable(getattr(model, "generate", None)) or not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"model: expected a causal LM with .generate (an nn.Module), got {type(model).__name__}"
+        )
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        raise TypeError(f"model: expected a decoder-only causal LM, got {type(model).__name__}")
+    if hasattr(model, "can_generate") and not model.can_generate():
+        raise TypeError(f"model: {type(model).__name__} cannot generate; expected a *ForCausalLM model")
+    if not callable(tokenizer) or not callable(getattr(tokenizer, "decode", None)):
+        raise TypeError(
+            f"tokenizer: expected a tokenizer with __call__ and decode, got {type(tokenizer).__name__}"
+        )
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if value is not None:
+            ids.update([value] if isinstance(value, int) else value)
+    return ids
+
+
+def _encode(tokenizer, prompts: Sequence[str], chat_template: bool, offset: int) -> list[list[int]]:
+    encoded = []
+    for index, prompt in enumerate(prompts, start=offset):
+        if chat_template:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(prompt)["input_ids"]
+        if len(ids) == 0:
+            raise ValueError(
+                f"prompts[{index}]: expected text that tokenizes to at least one token, got {prompt!r}"
+            )
+        encoded.append(list(ids))
+    return encoded
+
+
+def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, length - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, length - len(ids) :] = 1
+    return input_ids, attention_mask
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """H(softmax(logits)) / log|V| along the last dim, in float64."""
+    log_probs = torch.log_softmax(logits.double(), dim=-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return entropy / math.log(logits.shape[-1])
+
+
+def _js_divergence(p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """JS(p || softmax(logits_q)) in nats along the last dim, float64, as H(m) - (H(p) + H(q)) / 2.
+
+    p: float64 probabilities. Exactly 0 when softmax(logits_q) == p bitwise (then m == p).
+    """
+    q = torch.softmax(logits_q.double(), dim=-1)
+    m = 0.5 * (p + q)
+    half_sum = 0.5 * torch.xlogy(p, p).sum(-1) + 0.5 * torch.xlogy(q, q).sum(-1)
+    return (half_sum - torch.xlogy(m, m).sum(-1)).clamp_min(0.0)
+
+
+def attention_sparsity_from_weights(
+    attentions: Sequence[torch.Tensor], key_mask: torch.Tensor, query_mask: torch.Tensor
+) -> torch.Tensor:
+    """S per sequence from eager attention weights: the reference for the fused attention-entropy kernel.
+
+    attentions: the chosen layers' weights, each (batch, heads, length, length), causal, any float dtype.
+    key_mask: (batch, length) bool, True for real (non-padding) tokens.
+    query_mask: (batch, length) bool, True for the query rows to score.
+    Returns (batch,) float64: the mean of 1 - H(row) / log(n_visible) over layers, heads and scored rows
+    with at least two visible keys; the row is renormalized over its visible keys (padding keys excluded
+    from the entropy and from n_visible). A sequence with no such row gets 1.0.
+    """
+    key_mask = key_mask.bool()
+    query_rows = query_mask.bool().any(0).nonzero().flatten()
+    length = key_mask.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=key_mask.device).tril()[query_rows]
+    visible = causal[None] & key_mask[:, None, :]  # (batch, rows, keys)
+    n_visible = visible.sum(-1)  # (batch, rows)
+    counted = query_mask.bool()[:, query_rows] & (n_visible >= 2)
+    log_n = torch.log(n_visible.clamp_min(2).double())
+    total = torch.zeros(key_mask.shape[0], dtype=torch.float64, device=key_mask.device)
+    for weights in attentions:
+        rows = weights[:, :, query_rows, :].double() * visible[:, None]
+        rows = rows / rows.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+        entropy = -torch.xlogy(rows, rows).sum(-1)  # (batch, heads, rows)
+        concentration = (1.0 - entropy / log_n[:, None]) * counted[:, None]
+        total += concentration.sum((1, 2))
+    count = counted.sum(-1) * attentions[0].shape[1] * len(attentions)
+    return torch.where(count > 0, total / count.clamp_min(1), torch.ones_like(total))
+
+
+def _noise_directions(
+    input_ids: torch.Tensor, mask: torch.Tensor, hidden_size: int, seed: int, sample: int
+) -> torch.Tensor:
+    """(batch, length, hidden) unit Gaussian directions at real tokens, zeros at padding.
+
+    Each row draws from a generator seeded by (seed, sample, the row's tokens), so a prompt gets the same
+    noise alone and in any batch.
+    """
+    directions = torch.zeros(*input_ids.shape, hidden_size, dtype=torch.float32)
+    for row in range(input_ids.shape[0]):
+        real = mask[row].bool()
+        tokens = input_ids[row, real].numpy().astype(np.int64).tobytes()
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{sample}:".encode() + tokens))
+        draw = torch.randn(int(real.sum()), hidden_size, generator=generator)
+        directions[row, real] = draw / draw.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return directions
+
+
+def _noisy_logits(model, layer, inputs: dict, directions: torch.Tensor, noise_scale: float) -> torch.Tensor:
+    """Logits with layer's output h replaced by h + noise_scale * ||h|| * direction at every token."""
+
+    def add_noise(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        scaled = directions.to(hidden.device, hidden.dtype) * hidden.norm(dim=-1, keepdim=True)
+        noisy = hidden + noise_scale * scaled
+        return (noisy, *output[1:]) if isinstance(output, tuple) else noisy
+
+    handle = layer.register_forward_hook(add_noise)
+    try:
+        return model(**inputs).logits
+    finally:
+        handle.remove()
+
+
+def _generate(model, input_ids, attention_mask, max_new_tokens: int, pad_id: int, eos_ids: set[int]):
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad_id,
+        eos_token_id=sorted(eos_ids) or None,
+    )
+    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    return output[:, input_ids.shape[1] :]
+
+
+def _completion_lengths(generated: torch.Tensor, eos_ids: set[int]) -> torch.Tensor:
+    """Tokens each row generated, its first eos included."""
+    lengths = torch.full((generated.shape[0],), generated.shape[1], dtype=torch.long)
+    for row in range(generated.shape[0]):
+        hits = [index for index, token in enumerate(generated[row].tolist()) if token in eos_ids]
+        if hits:
+            lengths[row] = hits[0] + 1
+    return lengths
+
+
+@torch.no_grad()
+def _score_batch(model, tokenizer, prompt_ids, settings: dict) -> list[dict]:
+    device = next(model.parameters()).device
+    pad_id = settings["pad_id"]
+    input_ids, prompt_mask = _left_pad(prompt_ids, pad_id)
+    input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
+    generated = _generate(
+        model, input_ids, prompt_mask, settings["max_new_tokens"], pad_id, settings["eos_ids"]
+    ).cpu()
+    lengths = _completion_lengths(generated, settings["eos_ids"])
+    steps = int(lengths.max())
+    generated = generated[:, :steps]
+    # Scored position t (0 <= t < n) holds the last prompt token (t = 0) or generated token t - 1, so a
+    # row's own last generated token is never fed: it is masked out like padding, which keeps the row's
+    # real tokens, hence its noise seed and its numbers, the same whatever the batch's longest row is.
+    window = torch.arange(steps)[None] < lengths[:, None]
+    sequence = torch.cat([input_ids.cpu(), generated], dim=1)[:, :-1]
+    mask = torch.cat([prompt_mask.cpu(), window[:, 1:].long()], dim=1)
+    prompt_length = input_ids.shape[1]
+    scored = torch.zeros_like(mask, dtype=torch.bool)
+    scored[:, prompt_length - 1 :] = window
+    inputs = {
+        "input_ids": sequence.to(device),
+        "attention_mask": mask.to(device),
+        "position_ids": _position_ids(mask).to(device),
+    }
+
+    clean = model(**inputs, output_attentions=True)
+    if clean.attentions is None or any(weights is None for weights in clean.attentions):
+        raise ValueError(
+            "model: no attention weights came back; load it with attn_implementation='eager' "
+            f"(it uses {getattr(model.config, '_attn_implementation', 'unknown')!r})"
+        )
+    # Only the last `steps` columns hold scored positions; the vocabulary-wide math stays on those.
+    counts = window.sum(-1).double()
+    clean_logits = clean.logits[:, prompt_length - 1 :]
+    entropy_collapse = ((1.0 - _normalized_entropy(clean_logits)).cpu() * window).sum(-1) / counts
+    attention_sparsity = attention_sparsity_from_weights(
+        [clean.attentions[index] for index in settings["attention_layers"]],
+        mask.to(device),
+        scored.to(device),
+    ).cpu()
+    del clean  # the attention weights dominate memory; the noisy passes do not need them
+
+    layer = _decoder_layers(model)[settings["noise_layer"]]
+    hidden_size = model.config.hidden_size
+    divergence = torch.zeros(sequence.shape[0], dtype=torch.float64)
+    clean_probs = torch.softmax(clean_logits.double(), dim=-1)
+    for sample in range(settings["noise_samples"]):
+        directions = _noise_directions(sequence, mask, hidden_size, settings["seed"], sample).to(device)
+        noisy = _noisy_logits(model, layer, inputs, directions, settings["noise_scale"])
+        noisy_logits = noisy[:, prompt_length - 1 :]
+        divergence += (_js_divergence(clean_probs, noisy_logits).cpu() * window).sum(-1) / counts
+    basin_resistance = (1.0 - divergence / settings["noise_samples"] / math.log(2)).clamp(0.0, 1.0)
+
+    rows = []
+    for row in range(sequence.shape[0]):
+        parts = (
+            float(entropy_collapse[row].clamp(0.0, 1.0)),
+            float(attention_sparsity[row].clamp(0.0, 1.0)),
+            float(basin_resistance[row]),
+        )
+        completion_ids = generated[row, : int(lengths[row])].tolist()
+        rows.append(
+            {
+                "completion": tokenizer.decode(completion_ids, skip_special_tokens=True),
+                "cdm": 100.0 * (parts[0] * parts[1] * parts[2]) ** (1.0 / 3.0),
+                "entropy_collapse": parts[0],
+                "attention_sparsity": parts[1],
+                "basin_resistance": parts[2],
+                "n_tokens": int(lengths[row]),
+            }
+        )
+    return rows
+
+
+def score(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 32,
+    seed: int = 0,
+    noise_scale: float = 0.1,
+    noise_layer: int | None = None,
+    noise_samples: int = 4,
+    attention_layers: str | Sequence[int] = "last_half",
+    batch_size: int = 8,
+    chat_template: bool = False,
+    progress: bool = True,
+) -> list[CDMResult]:
+    """CDM of each prompt under `model` (a Hugging Face causal LM loaded with attn_implementation="eager").
+
+    prompts: raw text, or user messages put through the tokenizer's chat template when chat_template=True.
+    noise_layer: index of the block whose output gets the noise (default: the middle one, num_layers // 2).
+    attention_layers: "last_half" (default), "all", or block indices for S.
+    Returns one CDMResult per prompt, in order; `params` records everything that defines the numbers.
+    """
+    _validate(model, tokenizer, prompts, max_new_tokens, noise_scale, noise_samples, batch_size)
+    num_layers = len(_decoder_layers(model))
+    if noise_layer is None:
+        noise_layer = num_layers // 2
+    if (
+        isinstance(noise_layer, bool)
+        or not isinstance(noise_layer, int)
+        or not -num_layers <= noise_layer < num_layers
+    ):
+        raise ValueError(
+            f"noise_layer: expected an int in [-{num_layers}, {num_layers}), got {noise_layer!r}"
+        )
+    noise_layer %= num_layers
+    layers = _resolve_attention_layers(attention_layers, num_layers)
+    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None:
+        pad_id = min(eos_ids) if eos_ids else 0
+    settings = {
+        "max_new_tokens": max_new_tokens,
+        "seed": int(seed),
+        "noise_scale": float(noise_scale),
+        "noise_layer": noise_layer,
+        "noise_samples": noise_samples,
+        "attention_layers": layers,
+        "eos_ids": eos_ids,
+        "pad_id": pad_id,
+    }
+    params = {
+        "definition": DEFINITION,
+        "decoding": "greedy",
+        "max_new_tokens": max_new_tokens,
+        "chat_template": bool(chat_template),
+        "noise_scale": float(noise_scale),
+        "noise_layer": noise_layer,
+        "noise_samples": noise_samples,
+        "seed": int(seed),
+        "attention_layers": layers,
+        "num_layers": num_layers,
+        "weights": {"entropy_collapse": 1.0, "attention_sparsity": 1.0, "basin_resistance": 1.0},
+        "aggregation": "100 * geometric mean",
+    }
+
+    was_training = model.training
+    model.eval()
+    results: list[CDMResult] = []
+    try:
+        with tqdm(total=len(prompts), desc="CDM", unit="prompt", disable=not progress) as bar:
+            for start in range(0, len(prompts), batch_size):
+                batch = list(prompts[start : start + batch_size])
+                prompt_ids = _encode(tokenizer, batch, chat_template, offset=start)
+                for prompt, row in zip(
+                    batch, _score_batch(model, tokenizer, prompt_ids, settings), strict=True
+                ):
+                    results.append(CDMResult(prompt=prompt, params=dict(params), **row))
+                bar.update(len(batch))
+    finally:
+        model.train(was_training)
+    return results
+
+
+def fraction_deep(results: Sequence[CDMResult], threshold: float = DEFAULT_THRESHOLD) -> float:
+    """Share of results with CDM >= threshold (the deep rate)."""
+    if len(results) == 0:
+        raise ValueError("results: expected at least one CDMResult, got none")
+    return sum(result.cdm >= threshold for result in results) / len(results)
+
+
+def summarize(
+    results: Sequence[CDMResult],
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Means of CDM and its parts, deep rate, CDM quantiles and a 95% bootstrap interval of the mean CDM."""
+    if len(results) == 0:
+        raise ValueError("results: expected at least one CDMResult, got none")
+    cdm = np.array([result.cdm for result in results], dtype=np.float64)
+    resampled = np.random.default_rng(seed).choice(cdm, size=(n_bootstrap, cdm.size), replace=True).mean(1)
+    quantiles = (0.1, 0.25, 0.5, 0.75, 0.9)
+    return {
+        "n": int(cdm.size),
+        "cdm_mean": float(cdm.mean()),
+        "cdm_mean_ci95": [float(np.quantile(resampled, 0.025)), float(np.quantile(resampled, 0.975))],
+        "entropy_collapse_mean": float(np.mean([result.entropy_collapse for result in results])),
+        "attention_sparsity_mean": float(np.mean([result.attention_sparsity for result in results])),
+        "basin_resistance_mean": float(np.mean([result.basin_resistance for result in results])),
+        "n_tokens_mean": float(np.mean([result.n_tokens for result in results])),
+        "deep_threshold": float(threshold),
+        "deep_rate": fraction_deep(results, threshold),
+        "cdm_quantiles": {str(q): float(np.quantile(cdm, q)) for q in quantiles},
+        "params": dict(results[0].params),
+    }

