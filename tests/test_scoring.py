@@ -1,0 +1,67 @@
+"""`cdm-fast score`/`demo` plumbing: prompt sources, the summary table, the histogram (no model needed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cdm_fast import cdm, logic
+from cdm_fast.cli import build_parser
+from cdm_fast.scoring import format_summary, logic_prompts, plot_histogram, read_prompts
+
+
+def _results(values):
+    return [
+        cdm.CDMResult(
+            prompt=f"p{i}",
+            completion="c",
+            cdm=value,
+            entropy_collapse=value / 100,
+            attention_sparsity=0.5,
+            basin_resistance=0.9,
+            n_tokens=3,
+            params={"seed": 0},
+        )
+        for i, value in enumerate(values)
+    ]
+
+
+def test_default_prompts_interleave_every_task_and_are_deterministic():
+    problems = logic_prompts(9, seed=0)
+    assert len(problems) == 9
+    assert [p.task for p in problems[: len(logic.DEFAULT_TASKS)]] == list(logic.DEFAULT_TASKS)
+    assert [p.question for p in problems] == [p.question for p in logic_prompts(9, seed=0)]
+    with pytest.raises(ValueError, match="num_prompts"):
+        logic_prompts(0, seed=0)
+
+
+def test_read_prompts_takes_the_prompt_field_and_names_a_bad_line(tmp_path):
+    good = tmp_path / "p.jsonl"
+    good.write_text(json.dumps({"prompt": "a"}) + "\n\n" + json.dumps({"prompt": "b", "x": 1}) + "\n")
+    assert read_prompts(str(good)) == ["a", "b"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps({"text": "b"}) + "\n")
+    with pytest.raises(ValueError, match="line 2"):
+        read_prompts(str(bad))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="no prompt"):
+        read_prompts(str(empty))
+
+
+def test_summary_table_and_histogram_from_results(tmp_path):
+    results = _results([70.0, 85.0, 90.0, 60.0])
+    summary = cdm.summarize(results, threshold=80.0)
+    table = format_summary(summary, 80.0)
+    assert "deep rate (CDM ≥ 80)  0.500" in table
+    path = tmp_path / "plots" / "hist.png"
+    plot_histogram(results, str(path), 80.0)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_parses_score_and_demo_defaults():
+    args = build_parser().parse_args(["score", "--plot", "h.png"])
+    assert args.model == "smollm2-135m" and args.num_prompts == 64 and args.plot == "h.png"
+    demo = build_parser().parse_args(["demo"])
+    assert demo.out_dir == "runs/demo"
