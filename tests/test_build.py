@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import gpu, rel_error, requires_cuda
 
+from bench.aot import parse_ptxas_log
 from cdm_fast import _extension, float8
 from cdm_fast.ops.projection import reference
 
@@ -79,32 +80,18 @@ def test_links_no_libtorch_no_dynamic_cudart_and_exports_no_cuda_symbols(extensi
     assert not [symbol for symbol in exported if symbol.startswith(("cuda", "__cuda"))]
 
 
-def _ptxas_report(log: str) -> dict[str, dict[str, tuple[int, int]]]:
-    """{arch: {kernel: (registers, spill bytes)}} from the -Xptxas -v log."""
-    report: dict[str, dict[str, tuple[int, int]]] = {}
-    kernel = arch = None
-    spills = 0
-    for line in log.splitlines():
-        if match := re.search(r"Compiling entry function '([^']+)' for '(sm_\w+)'", line):
-            kernel, arch = match.groups()
-        elif match := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line):
-            spills = int(match[1]) + int(match[2])
-        elif (match := re.search(r"Used (\d+) registers", line)) and kernel is not None:
-            report.setdefault(arch, {})[kernel] = (int(match[1]), spills)
-            kernel = None
-    return report
-
-
 @requires_build
 def test_every_kernel_compiled_for_every_arch_without_spills(extension):
     log_path = Path(extension.__file__).with_name("_C_build.log")
     assert log_path.is_file(), f"{log_path} is missing: setup.py installs it beside the extension"
-    report = _ptxas_report(log_path.read_text())
-    assert sorted(report) == sorted(f"sm_{arch}" for arch in extension.built_archs())
-    kernels = {arch: set(by_kernel) for arch, by_kernel in report.items()}
+    report = parse_ptxas_log(log_path.read_text())
+    kernels: dict[str, set[str]] = {}
+    for kernel, arch in report:
+        kernels.setdefault(arch, set()).add(kernel)
+    assert sorted(kernels) == sorted(f"sm_{arch}" for arch in extension.built_archs())
     first = next(iter(kernels.values()))
     assert first and all(names == first for names in kernels.values()), kernels
-    spilling = {(arch, k): r for arch, by_kernel in report.items() for k, r in by_kernel.items() if r[1]}
+    spilling = {key: usage for key, usage in report.items() if usage["spills"]}
     assert not spilling, spilling
 
 
