@@ -17,6 +17,7 @@ from bench import common
 
 BENCHES = {
     "projection": "bench.projection",
+    "lora": "bench.lora",
 }
 
 

@@ -91,10 +91,8 @@ def shared_memory_limit(arch: tuple[int, int]) -> int:
 
 def config_name(config) -> str:
     meta = config.kwargs
-    if "BLOCK_M" in meta:
-        tile = f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}"
-    else:
-        tile = "x".join(str(value) for value in meta.values())
+    blocks = [str(meta[name]) for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if name in meta]
+    tile = "x".join(blocks or [str(value) for value in meta.values()])
     return f"{tile} s{config.num_stages} w{config.num_warps}"
 
 

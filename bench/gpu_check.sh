@@ -108,7 +108,7 @@ step_sanitizer() {
     local log=$OUT_DIR/sanitizer.log driver
     driver=$(mktemp -d)/sanitizer_driver.py
     cat >"$driver" <<'EOF'
-"""One small projection call per precision on BACKEND (argv[1]); exit 3 when the backend serves none."""
+"""One small call per projection precision and lora dropout on BACKEND (argv[1]); exit 3 when it serves none."""
 import sys
 
 import torch
@@ -131,6 +131,21 @@ for precision in ("bf16", "fp8", "fp8-features"):
         continue
     torch.cuda.synchronize()
     print(f"{backend} {precision}: ran, output {tuple(y.shape)}, finite {bool(torch.isfinite(y).all())}")
+    served += 1
+rank, d_out = 16, 200  # d_out not a multiple of 16: partial tiles
+lora_A = torch.randn(rank, d_in, device="cuda") / d_in**0.5
+lora_B = torch.randn(d_out, rank, device="cuda") / rank**0.5
+lora_weight = torch.randn(d_out, d_in, device="cuda", dtype=torch.bfloat16) / d_in**0.5
+for dropout_p in (0.0, 0.1):
+    try:
+        y = cdm_fast.lora_linear(
+            x, lora_weight, lora_A, lora_B, 0.5, dropout_p=dropout_p, training=True, backend=backend
+        )
+    except BackendUnavailable as reason:
+        print(f"{backend} lora p={dropout_p}: skipped: {reason}")
+        continue
+    torch.cuda.synchronize()
+    print(f"{backend} lora p={dropout_p}: ran, output {tuple(y.shape)}, finite {bool(torch.isfinite(y).all())}")
     served += 1
 sys.exit(0 if served else 3)
 EOF

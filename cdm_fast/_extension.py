@@ -1,9 +1,9 @@
 """The compiled CUDA extension `cdm_fast._C`, seen from torch.
 
 `_C` (csrc/) takes device addresses, sizes, strides and the CUDA stream as ints and never links torch; this
-module is its torch side. It says whether the extension can serve a device (`unavailable_reason`) and a
-projection call (`projection_supports`), and wraps the kernels: outputs are allocated with torch on the
-inputs' device and every launch goes to `torch.cuda.current_stream(device)`.
+module is its torch side. It says whether the extension can serve a device (`unavailable_reason`), a
+projection call (`projection_supports`) and a LoRA call (`lora_supports`), and wraps the kernels: outputs
+are allocated with torch on the inputs' device and every launch goes to `torch.cuda.current_stream(device)`.
 
 Layouts, chosen so that both GEMM operands are read along the reduction dim (K):
 - codes: e4m3, stored (slices, K) with K contiguous; `quantize_*` return them as views shaped like the input.
@@ -314,3 +314,133 @@ def projection_forward_fp8(
         else:
             module.projection_output_fp8(**output)
     return y
+
+
+# ---------------------------------------------------------------------------------------------------- LoRA
+# x and weight rows are copied in 16-byte cp.async chunks: 8 elements of float16/bfloat16.
+LORA_CHUNK_ELEMENTS = 8
+_LORA_ALIGNMENT_BYTES = 16
+
+
+def lora_supports(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> str | None:
+    """Capability gate of the CUDA LoRA forward: None when `lora_forward` serves this call, else why.
+
+    Serves x (M, in) float16/bfloat16 with unit column stride, a row stride that is a multiple of 8 and a
+    16-byte aligned start; weight (out, in) in x's dtype, laid out the same way; lora_A, lora_B and bias in
+    any float dtype (cast to x's dtype); rank ≤ `lora_max_rank()`; in_features a multiple of 8.
+    """
+    tensors = [t for t in (x, weight, lora_A, lora_B, bias) if t is not None]
+    for t in tensors:
+        if t.device.type != "cuda":
+            return unavailable_reason(t.device)
+    reason = unavailable_reason(x.device)
+    if reason is not None:
+        return reason
+    if any(t.device != x.device for t in tensors):
+        return "the CUDA kernel needs every tensor on x's device"
+    if x.dtype not in _ACTIVATION_DTYPES:
+        return f"x: the CUDA kernel takes float16 or bfloat16, got {x.dtype}"
+    if weight.dtype != x.dtype:
+        return f"weight: the CUDA kernel reads weight in x's dtype ({x.dtype}), got {weight.dtype}"
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
+        if t is not None and t.dtype not in _PARAMETER_DTYPES:
+            return f"{name}: the CUDA kernel takes float16, bfloat16 or float32, got {t.dtype}"
+    if x.dim() != 2 or weight.dim() != 2:
+        return f"x, weight: the CUDA kernel takes 2-D x and weight, got {x.dim()}-D and {weight.dim()}-D"
+    module = load()
+    if not hasattr(module, "lora_forward"):
+        return "cdm_fast._C was built without the LoRA kernel (csrc/lora.cu): rebuild the extension"
+    in_features, out_features, rank = x.shape[1], weight.shape[0], lora_A.shape[0]
+    max_rank = module.lora_max_rank()
+    if rank > max_rank:
+        return f"rank {rank} > {max_rank} (the CUDA kernel keeps u tiles of up to {max_rank} columns on chip)"
+    if in_features % LORA_CHUNK_ELEMENTS:
+        return (
+            f"in_features must be a multiple of {LORA_CHUNK_ELEMENTS} for 16-byte cp.async, got {in_features}"
+        )
+    if out_features == 0:
+        return "out_features must be ≥ 1"
+    for name, t in (("x", x), ("weight", weight)):
+        if t.stride(1) != 1 or t.stride(0) % LORA_CHUNK_ELEMENTS:
+            return (
+                f"{name}: the CUDA kernel needs unit column stride and a row stride that is a multiple of "
+                f"{LORA_CHUNK_ELEMENTS} (16-byte cp.async rows), got strides {tuple(t.stride())}"
+            )
+        if t.data_ptr() % _LORA_ALIGNMENT_BYTES:
+            return f"{name}: the CUDA kernel needs a {_LORA_ALIGNMENT_BYTES}-byte aligned start for cp.async"
+    if max(x.shape[0], out_features, in_features) >= 2**31:
+        return (
+            f"the CUDA kernel takes sizes below 2**31, got x {tuple(x.shape)}, weight {tuple(weight.shape)}"
+        )
+    return None
+
+
+def lora_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    bias: torch.Tensor | None,
+    scaling: float,
+    dropout_p: float,
+    dropout_seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, u) of `cdm_fast.ops.lora` on the fused CUDA kernel (csrc/lora.cu); call `lora_supports` first.
+
+    x (M, in) float16/bfloat16, weight (out, in) in x's dtype, lora_A (r, in), lora_B (out, r), bias (out,) or
+    None; lora_A, lora_B and bias are cast to x's dtype. dropout_p > 0 applies the counter-based mask of
+    `cdm_fast.ops.lora.dropout_keep(dropout_seed, ...)` to x's contribution to u, scaled by 1 / (1 - p).
+    Returns y = x @ weightᵀ + bias + scaling · u @ lora_Bᵀ (M, out) and u = dropout(x) @ lora_Aᵀ (M, r),
+    both in x.dtype; u is computed in fp32 and rounded once, and that rounded u enters y.
+    """
+    from cdm_fast.ops.lora import drop_threshold
+
+    module = _module()
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected 0 ≤ p < 1, got {dropout_p}")
+    m, in_features = x.shape
+    out_features, rank = weight.shape[0], lora_A.shape[0]
+    y = torch.empty((m, out_features), dtype=x.dtype, device=x.device)
+    u = torch.empty((m, rank), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y, u
+    lora_A = lora_A.to(x.dtype).contiguous()
+    # lora_B rows padded with zeros to a multiple of 8 elements: 16-byte cp.async rows for any r.
+    padded_rank = -(-rank // LORA_CHUNK_ELEMENTS) * LORA_CHUNK_ELEMENTS
+    if padded_rank == rank:
+        lora_B = lora_B.to(x.dtype).contiguous()
+    else:
+        padded = torch.zeros((out_features, padded_rank), dtype=x.dtype, device=x.device)
+        padded[:, :rank] = lora_B
+        lora_B = padded
+    bias = bias.to(x.dtype).contiguous() if bias is not None else None
+    with torch.cuda.device(x.device):
+        module.lora_forward(
+            x=x.data_ptr(),
+            x_row_stride=x.stride(0),
+            weight=weight.data_ptr(),
+            weight_row_stride=weight.stride(0),
+            lora_a=lora_A.data_ptr(),
+            lora_b=lora_B.data_ptr(),
+            lora_b_row_stride=lora_B.stride(0),
+            bias=bias.data_ptr() if bias is not None else 0,
+            y=y.data_ptr(),
+            u=u.data_ptr(),
+            dtype=str(x.dtype).removeprefix("torch."),
+            m=m,
+            n=out_features,
+            k=in_features,
+            rank=rank,
+            scaling=float(scaling),
+            dropout_p=float(dropout_p),
+            dropout_threshold=drop_threshold(dropout_p) if dropout_p > 0 else 0,
+            dropout_seed=int(dropout_seed) & 0xFFFFFFFF,
+            stream=_stream(x.device),
+        )
+    return y, u

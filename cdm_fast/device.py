@@ -90,3 +90,9 @@ def shared_memory_limit(device: torch.device | None = None) -> int:
     """Opt-in shared memory per block for autotune pruning; the interpreter has no limit that matters."""
     info = device_info(device) if device is not None and device.type == "cuda" else None
     return info.shared_memory_per_block if info else MAX_SHARED_MEMORY_PER_BLOCK[(12, 0)]
+
+
+def multiprocessor_count(device: torch.device | None = None) -> int:
+    """SMs to fill with programs; 2 elsewhere (the interpreter runs programs one by one anyway)."""
+    info = device_info(device) if device is not None and device.type == "cuda" else None
+    return info.multiprocessors if info else 2

@@ -1,6 +1,6 @@
 // pybind11 module cdm_fast._C. No torch headers: every tensor arrives as a device address (int), its
 // sizes and strides, and the CUDA stream as an int (`torch.cuda.current_stream().cuda_stream`).
-// cdm_fast/_extension.py is the Python side; the kernels are in projection.cu.
+// cdm_fast/_extension.py is the Python side; the kernels are in projection.cu and lora.cu.
 #include <cuda_runtime_api.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -36,6 +36,14 @@ void projection_output_fp8(uintptr_t features, uintptr_t weight_codes, uintptr_t
 void projection_output_mxfp8(uintptr_t features, uintptr_t weight_codes, uintptr_t weight_scales,
                              int64_t weight_scales_ld, uintptr_t bias, uintptr_t y, const std::string& y_dtype,
                              int64_t n, int64_t m, int64_t d_out, int64_t y_row_stride, uintptr_t stream);
+
+// Defined in lora.cu, with the same error conventions.
+int64_t lora_max_rank();
+int64_t lora_shared_bytes(int64_t rank);
+void lora_forward(uintptr_t x, int64_t x_row_stride, uintptr_t weight, int64_t weight_row_stride, uintptr_t lora_a,
+                  uintptr_t lora_b, int64_t lora_b_row_stride, uintptr_t bias, uintptr_t y, uintptr_t u,
+                  const std::string& dtype, int64_t m, int64_t n, int64_t k, int64_t rank, double scaling,
+                  double dropout_p, int64_t dropout_threshold, int64_t dropout_seed, uintptr_t stream);
 
 namespace {
 
@@ -102,4 +110,18 @@ PYBIND11_MODULE(_C, m) {
         py::arg("features"), py::arg("weight_codes"), py::arg("weight_scales"), py::arg("weight_scales_ld"),
         py::arg("bias"), py::arg("y"), py::arg("y_dtype"), py::arg("n"), py::arg("m"), py::arg("d_out"),
         py::arg("y_row_stride"), py::arg("stream"));
+
+  m.def("lora_max_rank", &cdm_fast::lora_max_rank, "Largest LoRA rank lora_forward serves.");
+  m.def("lora_shared_bytes", &cdm_fast::lora_shared_bytes,
+        "Dynamic shared memory (bytes per block) of the lora_forward kernel serving `rank`.", py::arg("rank"));
+  m.def("lora_forward", &cdm_fast::lora_forward, release,
+        "y (m, n) = x @ weightᵀ + bias + scaling · u @ lora_Bᵀ and u (m, rank) = dropout(x) @ lora_Aᵀ, all in "
+        "`dtype` (float16/bfloat16) with fp32 accumulation. x (m, k) and weight (n, k) K-contiguous with row "
+        "strides; lora_A (rank, k) contiguous; lora_B (n, rank) with a row stride that is a multiple of 8 (its "
+        "padding columns finite); bias (n,) or 0; y and u contiguous. Dropout keeps x[i, j] when "
+        "hash32(hash32(i ^ seed) + j) >> 8 >= dropout_threshold and scales u by 1 / (1 - dropout_p).",
+        py::arg("x"), py::arg("x_row_stride"), py::arg("weight"), py::arg("weight_row_stride"), py::arg("lora_a"),
+        py::arg("lora_b"), py::arg("lora_b_row_stride"), py::arg("bias"), py::arg("y"), py::arg("u"),
+        py::arg("dtype"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("rank"), py::arg("scaling"),
+        py::arg("dropout_p"), py::arg("dropout_threshold"), py::arg("dropout_seed"), py::arg("stream"));
 }

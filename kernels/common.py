@@ -80,6 +80,47 @@ def dot_in_dtype(a, b, acc, INPUT_PRECISION: tl.constexpr, INTERPRET: tl.constex
     return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
 
+@triton.jit
+def load_tile(ptr, rows, cols, stride_row, stride_col, num_rows, num_cols, other):
+    """The (rows × cols) tile of a strided matrix, `other` outside it; int64 offsets for tensors over 2^31."""
+    offsets = rows[:, None].to(tl.int64) * stride_row + cols[None, :].to(tl.int64) * stride_col
+    return tl.load(ptr + offsets, mask=(rows[:, None] < num_rows) & (cols[None, :] < num_cols), other=other)
+
+
+@triton.jit
+def store_tile(ptr, value, rows, cols, stride_row, stride_col, num_rows, num_cols, INTERPRET: tl.constexpr):
+    """Stores the (rows × cols) tile, cast to the pointer's dtype; elements outside the matrix are dropped."""
+    offsets = rows[:, None].to(tl.int64) * stride_row + cols[None, :].to(tl.int64) * stride_col
+    tl.store(
+        ptr + offsets,
+        cast(value, ptr.dtype.element_ty, INTERPRET),
+        mask=(rows[:, None] < num_rows) & (cols[None, :] < num_cols),
+    )
+
+
+@triton.jit
+def hash32(x):
+    """A 32-bit integer mix with good avalanche (Wellons' lowbias32) on uint32; `cdm_fast.ops.lora.hash32`
+    computes the same function in torch."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def dropout_keep(seed, rows, cols, threshold):
+    """The (rows × cols) keep mask of counter-based dropout: hash32(hash32(row ^ seed) + col) >> 8 ≥ threshold
+
+    Element (i, j) depends on (seed, i, j) only, so backward regenerates any tile instead of storing a mask;
+    `cdm_fast.ops.lora.dropout_keep` is the torch definition it must match bit for bit.
+    """
+    row_key = hash32(rows.to(tl.uint32) ^ seed.to(tl.uint32))
+    bits = hash32(row_key[:, None] + cols.to(tl.uint32)[None, :])
+    return (bits >> 8) >= threshold
+
+
 def autotune_configs(configs: list[triton.Config], interpreter: triton.Config) -> list[triton.Config]:
     """The autotune candidates for this session: one small config under the interpreter, where timing
     candidates would take minutes and measure nothing."""

@@ -34,7 +34,9 @@ from .common import (
     cast,
     dot_in_dtype,
     grouped_tile,
+    load_tile,
     prune_by_shared_memory,
+    store_tile,
     to_e4m3,
 )
 
@@ -79,24 +81,6 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-@triton.jit
-def _load_tile(ptr, rows, cols, stride_row, stride_col, num_rows, num_cols, other):
-    """The (rows × cols) tile of a strided matrix, `other` outside it; int64 offsets for tensors over 2^31."""
-    offsets = rows[:, None].to(tl.int64) * stride_row + cols[None, :].to(tl.int64) * stride_col
-    return tl.load(ptr + offsets, mask=(rows[:, None] < num_rows) & (cols[None, :] < num_cols), other=other)
-
-
-@triton.jit
-def _store_tile(ptr, value, rows, cols, stride_row, stride_col, num_rows, num_cols, INTERPRET: tl.constexpr):
-    """Stores the (rows × cols) tile, cast to the pointer's dtype; elements outside the matrix are dropped."""
-    offsets = rows[:, None].to(tl.int64) * stride_row + cols[None, :].to(tl.int64) * stride_col
-    tl.store(
-        ptr + offsets,
-        cast(value, ptr.dtype.element_ty, INTERPRET),
-        mask=(rows[:, None] < num_rows) & (cols[None, :] < num_cols),
-    )
-
-
 # ---------------------------------------------------------------- fp8 quantisation (cdm_fast.float8, exactly)
 
 
@@ -131,15 +115,15 @@ def _quantize_rowwise_kernel(
     amax = tl.zeros((BLOCK_SLICES,), dtype=tl.float32)
     for k0 in range(0, length, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        tile = _load_tile(t_ptr, s, k, stride_t_slice, stride_t_k, slices, length, 0.0).to(tl.float32)
+        tile = load_tile(t_ptr, s, k, stride_t_slice, stride_t_k, slices, length, 0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.max(tl.abs(tile), axis=1))
     # IEEE division (div_rn), as torch divides: the GPU's default fp32 division is approximate.
     scale = tl.where(amax > 0, tl.math.div_rn(amax, E4M3_MAX), 1.0)
     for k0 in range(0, length, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        tile = _load_tile(t_ptr, s, k, stride_t_slice, stride_t_k, slices, length, 0.0).to(tl.float32)
+        tile = load_tile(t_ptr, s, k, stride_t_slice, stride_t_k, slices, length, 0.0).to(tl.float32)
         codes = to_e4m3(tl.math.div_rn(tile, scale[:, None]), INTERPRET)
-        _store_tile(codes_ptr, codes, s, k, stride_codes_slice, stride_codes_k, slices, length, INTERPRET)
+        store_tile(codes_ptr, codes, s, k, stride_codes_slice, stride_codes_k, slices, length, INTERPRET)
     tl.store(scales_ptr + s, scale, mask=s < slices)
 
 
@@ -184,7 +168,7 @@ def _quantize_mx_kernel(
     """codes = e4m3(t · 2^-e), e = ceil(log2(amax / 448)) per 32 consecutive k; scales = e + 127 (ue8m0)."""
     s = tl.program_id(0) * BLOCK_SLICES + tl.arange(0, BLOCK_SLICES)
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    tile = _load_tile(t_ptr, s, k, stride_t_slice, stride_t_k, slices, length, 0.0).to(tl.float32)
+    tile = load_tile(t_ptr, s, k, stride_t_slice, stride_t_k, slices, length, 0.0).to(tl.float32)
     # Zero padding past `length` leaves a short tail block scaled by its own amax, as the recipe says.
     blocks = tl.reshape(tile, (BLOCK_SLICES, BLOCK_K // MX_BLOCK, MX_BLOCK))
     exponent = _mx_scale_exponent(tl.max(tl.abs(blocks), axis=2))
@@ -192,9 +176,9 @@ def _quantize_mx_kernel(
     factor = ((-exponent + UE8M0_BIAS) << 23).to(tl.float32, bitcast=True)
     scaled = tl.reshape(blocks * factor[:, :, None], (BLOCK_SLICES, BLOCK_K))
     codes = to_e4m3(scaled, INTERPRET)
-    _store_tile(codes_ptr, codes, s, k, stride_codes_slice, stride_codes_k, slices, length, INTERPRET)
+    store_tile(codes_ptr, codes, s, k, stride_codes_slice, stride_codes_k, slices, length, INTERPRET)
     b = tl.program_id(1) * (BLOCK_K // MX_BLOCK) + tl.arange(0, BLOCK_K // MX_BLOCK)
-    _store_tile(
+    store_tile(
         scales_ptr,
         exponent + UE8M0_BIAS,
         s,
@@ -364,15 +348,15 @@ def _features_kernel(
     phase = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, d_in, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        x = _load_tile(x_ptr, m, k, stride_x_m, stride_x_k, rows, d_in, 0.0)
-        freqs = _load_tile(freqs_ptr, k, n, stride_freqs_k, stride_freqs_n, d_in, num_frequencies, 0.0)
+        x = load_tile(x_ptr, m, k, stride_x_m, stride_x_k, rows, d_in, 0.0)
+        freqs = load_tile(freqs_ptr, k, n, stride_freqs_k, stride_freqs_n, d_in, num_frequencies, 0.0)
         x_scale = None
         freqs_scale = None
         if MODE == "mx":
             kb = k0 // MX_BLOCK + tl.arange(0, BLOCK_K // MX_BLOCK)
             num_blocks = tl.cdiv(d_in, MX_BLOCK)
-            x_scale = _load_tile(x_scale_ptr, m, kb, stride_x_scale_m, stride_x_scale_k, rows, num_blocks, 0)
-            freqs_scale = _load_tile(
+            x_scale = load_tile(x_scale_ptr, m, kb, stride_x_scale_m, stride_x_scale_k, rows, num_blocks, 0)
+            freqs_scale = load_tile(
                 freqs_scale_ptr,
                 n,
                 kb,
@@ -392,11 +376,11 @@ def _features_kernel(
         # |F| <= 1 needs no amax pass: the fixed power-of-two scale 2^8 serves both recipes.
         sin = to_e4m3(sin * FEATURE_SCALE, INTERPRET)
         cos = to_e4m3(cos * FEATURE_SCALE, INTERPRET)
-    _store_tile(
+    store_tile(
         features_ptr, sin, m, n, stride_features_m, stride_features_n, rows, num_frequencies, INTERPRET
     )
     cos_n = n + num_frequencies
-    _store_tile(
+    store_tile(
         features_ptr,
         cos,
         m,
@@ -451,17 +435,17 @@ def _output_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, num_features, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        features = _load_tile(
+        features = load_tile(
             features_ptr, m, k, stride_features_m, stride_features_k, rows, num_features, 0.0
         )
-        weight = _load_tile(weight_ptr, k, n, stride_weight_k, stride_weight_n, num_features, d_out, 0.0)
+        weight = load_tile(weight_ptr, k, n, stride_weight_k, stride_weight_n, num_features, d_out, 0.0)
         features_scale = None
         weight_scale = None
         if MODE == "mx":
             # The features' scale is the constant 2^-8: a ue8m0 byte, no tensor to read.
             features_scale = tl.full((BLOCK_M, BLOCK_K // MX_BLOCK), FEATURE_SCALE_BYTE, tl.uint8)
             kb = k0 // MX_BLOCK + tl.arange(0, BLOCK_K // MX_BLOCK)
-            weight_scale = _load_tile(
+            weight_scale = load_tile(
                 weight_scale_ptr,
                 n,
                 kb,
@@ -478,7 +462,7 @@ def _output_kernel(
     acc = acc * inverse_sqrt_m
     if bias_ptr is not None:
         acc += tl.load(bias_ptr + n * stride_bias, mask=n < d_out, other=0.0).to(tl.float32)[None, :]
-    _store_tile(y_ptr, acc, m, n, stride_y_m, stride_y_n, rows, d_out, INTERPRET)
+    store_tile(y_ptr, acc, m, n, stride_y_m, stride_y_n, rows, d_out, INTERPRET)
 
 
 def _gemm_modes(precision: str, fp8_scaling: str) -> tuple[str, str]:
@@ -632,20 +616,20 @@ def _phase_grad_kernel(
     phase = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, d_in, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        x = _load_tile(x_ptr, m, k, stride_x_m, stride_x_k, rows, d_in, 0.0)
-        freqs = _load_tile(freqs_ptr, k, j, stride_freqs_k, stride_freqs_n, d_in, num_frequencies, 0.0)
+        x = load_tile(x_ptr, m, k, stride_x_m, stride_x_k, rows, d_in, 0.0)
+        freqs = load_tile(freqs_ptr, k, j, stride_freqs_k, stride_freqs_n, d_in, num_frequencies, 0.0)
         phase = dot_in_dtype(x, freqs, phase, INPUT_PRECISION, INTERPRET)
     # Only the columns of grad_F that pair with this tile's phases: grad_y read once for both halves.
     grad_sin = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     grad_cos = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, d_out, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        grad_y = _load_tile(grad_y_ptr, m, k, stride_grad_y_m, stride_grad_y_k, rows, d_out, 0.0)
+        grad_y = load_tile(grad_y_ptr, m, k, stride_grad_y_m, stride_grad_y_k, rows, d_out, 0.0)
         grad_y = cast(grad_y, x_ptr.dtype.element_ty, INTERPRET)
-        weight_sin = _load_tile(
+        weight_sin = load_tile(
             weight_ptr, k, j, stride_weight_k, stride_weight_j, d_out, num_frequencies, 0.0
         )
-        weight_cos = _load_tile(
+        weight_cos = load_tile(
             weight_ptr,
             k,
             j + num_frequencies,
@@ -659,7 +643,7 @@ def _phase_grad_kernel(
         grad_cos = dot_in_dtype(grad_y, weight_cos, grad_cos, INPUT_PRECISION, INTERPRET)
     sin, cos = _sin_cos_of_turns(phase, INTERPRET)
     grad_phase = (TWO_PI * inverse_sqrt_m) * (grad_sin * cos - grad_cos * sin)
-    _store_tile(
+    store_tile(
         grad_phase_ptr,
         grad_phase,
         m,
@@ -670,7 +654,7 @@ def _phase_grad_kernel(
         num_frequencies,
         INTERPRET,
     )
-    _store_tile(
+    store_tile(
         features_ptr,
         sin * inverse_sqrt_m,
         m,
@@ -681,7 +665,7 @@ def _phase_grad_kernel(
         num_frequencies,
         INTERPRET,
     )
-    _store_tile(
+    store_tile(
         features_ptr,
         cos * inverse_sqrt_m,
         m,
@@ -729,10 +713,10 @@ def _matmul_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        a = _load_tile(a_ptr, m, k, stride_a_m, stride_a_k, M, K, 0.0)
-        b = _load_tile(b_ptr, k, n, stride_b_k, stride_b_n, K, N, 0.0)
+        a = load_tile(a_ptr, m, k, stride_a_m, stride_a_k, M, K, 0.0)
+        b = load_tile(b_ptr, k, n, stride_b_k, stride_b_n, K, N, 0.0)
         acc = dot_in_dtype(a, b, acc, INPUT_PRECISION, INTERPRET)
-    _store_tile(c_ptr, acc, m, n, stride_c_m, stride_c_n, M, N, INTERPRET)
+    store_tile(c_ptr, acc, m, n, stride_c_m, stride_c_n, M, N, INTERPRET)
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:

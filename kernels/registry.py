@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import projection
+from . import lora, projection
 
 # Architectures checked, as (major, minor) compute capability.
 SM_90 = (9, 0)
@@ -28,8 +28,10 @@ HELPERS = frozenset(
         "to_e4m3",
         "cast",
         "dot_in_dtype",
-        "_load_tile",
-        "_store_tile",
+        "load_tile",
+        "store_tile",
+        "hash32",
+        "dropout_keep",
         "_mx_scale_exponent",
         "_sin_cos_of_turns",
         "_dot",
@@ -315,6 +317,118 @@ def _matmul_variants() -> tuple[Variant, ...]:
     return tuple(variants)
 
 
+def _any_mma(dtype: str) -> dict[tuple[int, int], tuple[str, ...]]:
+    """Either MMA form: a skinny tile (16 rows, or r = 16 columns) may not fill a wgmma warpgroup on sm_90."""
+    if dtype == "fp32":
+        return _mma(dtype)
+    name = "bf16" if dtype == "bf16" else "f16"
+    return {arch: (rf"(wgmma\.mma_async|mma\.sync)\S*\.{name}\.{name}",) for arch in ARCHS}
+
+
+# The rank most adapters use (r = 32) pads to this tile.
+_LORA_RANK_BLOCK = 32
+
+
+def _lora_matmul_variants() -> tuple[Variant, ...]:
+    kernel = lora._lora_matmul_kernel
+    variants = []
+    # forward: w = weight (out, in) row-major; dgrad: w = weightᵀ, read N-major.
+    roles = (
+        ("forward-mainloop-dropout", "stride_w_k", {"COMPUTE_T": True, "INPUT_DROPOUT": True}),
+        ("forward-separate", "stride_w_k", {"COMPUTE_T": False, "INPUT_DROPOUT": False}),
+        ("dgrad-mainloop-dropout", "stride_w_n", {"COMPUTE_T": True, "EPILOGUE_DROPOUT": True}),
+    )
+    for dtype in ("bf16", "fp16", "fp32"):
+        operand = _TRITON_DTYPES[dtype]
+        for role, unit, flags in roles:
+            constexprs = {
+                "RANK_BLOCK": _LORA_RANK_BLOCK,
+                "COMPUTE_T": False,
+                "INPUT_DROPOUT": False,
+                "EPILOGUE_DROPOUT": False,
+                **flags,
+                "INPUT_PRECISION": _input_precision(dtype),
+                "INTERPRET": False,
+            }
+            pointers = {
+                name: operand for name in ("a_ptr", "w_ptr", "down_ptr", "up_ptr", "t_ptr", "out_ptr")
+            }
+            pointers["bias_ptr"] = operand if role.startswith("forward") else None
+            variants.append(
+                _variant(
+                    kernel,
+                    f"{dtype}-{role}",
+                    pointers,
+                    constexprs,
+                    _mma(dtype),
+                    unit_strides=("stride_a_k", unit, "stride_out_n", "stride_t_r")
+                    + (("stride_bias",) if role.startswith("forward") else ()),
+                    floats=("epilogue_scale", "dropout_rescale"),
+                    forbidden=(_FORBIDDEN["fp32"],) if dtype == "fp32" else (),
+                    every_config=dtype == "bf16" and role == "forward-separate",
+                )
+            )
+    return tuple(variants)
+
+
+def _lora_down_variants() -> tuple[Variant, ...]:
+    kernel = lora._lora_down_kernel
+    return tuple(
+        _variant(
+            kernel,
+            f"{dtype}-{'dropout' if dropout else 'plain'}",
+            {name: _TRITON_DTYPES[dtype] for name in ("a_ptr", "down_ptr", "t_ptr")},
+            {
+                "RANK_BLOCK": _LORA_RANK_BLOCK,
+                "INPUT_DROPOUT": dropout,
+                "INPUT_PRECISION": _input_precision(dtype),
+                "INTERPRET": False,
+            },
+            _any_mma(dtype),
+            unit_strides=("stride_a_k", "stride_down_k", "stride_t_r"),
+            floats=("dropout_rescale",),
+            forbidden=(_FORBIDDEN["fp32"],) if dtype == "fp32" else (),
+            every_config=dtype == "bf16",
+        )
+        for dtype in ("bf16", "fp16", "fp32")
+        for dropout in (False, True)
+    )
+
+
+def _lora_weight_grad_variants() -> tuple[Variant, ...]:
+    kernel = lora._lora_weight_grad_kernel
+    variants = []
+    # d lora_A = vᵀ (keep ⊙ x): P = r, Q = in; d lora_B = dyᵀ u: P = out, Q = r. Both read M-major tiles.
+    for dtype in ("bf16", "fp16", "fp32"):
+        for name, block_p, block_q, dropout in (
+            ("grad-A-dropout", _LORA_RANK_BLOCK, 64, True),
+            ("grad-B", 64, _LORA_RANK_BLOCK, False),
+        ):
+            variants.append(
+                _variant(
+                    kernel,
+                    f"{dtype}-{name}",
+                    {
+                        "left_ptr": _TRITON_DTYPES[dtype],
+                        "right_ptr": _TRITON_DTYPES[dtype],
+                        "partial_ptr": "*fp32",
+                    },
+                    {
+                        "RIGHT_DROPOUT": dropout,
+                        "INPUT_PRECISION": _input_precision(dtype),
+                        "INTERPRET": False,
+                        "BLOCK_P": block_p,
+                        "BLOCK_Q": block_q,
+                    },
+                    _any_mma(dtype),
+                    unit_strides=("stride_left_p", "stride_right_q", "stride_partial_q"),
+                    forbidden=(_FORBIDDEN["fp32"],) if dtype == "fp32" else (),
+                    every_config=dtype == "bf16",
+                )
+            )
+    return tuple(variants)
+
+
 def kernels() -> tuple[KernelEntry, ...]:
     """The registry. Built on call: under TRITON_INTERPRET=1 the kernels hold the interpreter's one config."""
     return (
@@ -332,6 +446,11 @@ def kernels() -> tuple[KernelEntry, ...]:
         KernelEntry("projection._output_kernel", projection._output_kernel, _output_variants()),
         KernelEntry("projection._phase_grad_kernel", projection._phase_grad_kernel, _phase_grad_variants()),
         KernelEntry("projection._matmul_kernel", projection._matmul_kernel, _matmul_variants()),
+        KernelEntry("lora._lora_matmul_kernel", lora._lora_matmul_kernel, _lora_matmul_variants()),
+        KernelEntry("lora._lora_down_kernel", lora._lora_down_kernel, _lora_down_variants()),
+        KernelEntry(
+            "lora._lora_weight_grad_kernel", lora._lora_weight_grad_kernel, _lora_weight_grad_variants()
+        ),
     )
 
 

@@ -35,3 +35,16 @@ requires_triton = pytest.mark.skipif(
 )
 gpu = pytest.mark.gpu
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def poisoned_allocations(monkeypatch):
+    """Every buffer made with torch.empty starts as NaN (255, a NaN scale, for uint8), so that an element a
+    kernel forgets to write shows up in the result."""
+    empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return poison_(t) if t.is_floating_point() else t.fill_(255)
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import gpu, kernel_device, poison_, rel_error, requires_cuda, requires_triton
+from conftest import gpu, kernel_device, rel_error, requires_cuda, requires_triton
 
 from cdm_fast import device as devices
 from cdm_fast import float8
@@ -64,19 +64,6 @@ def _skip_unless_served(impl, x, freqs, weight, bias, precision="bf16", fp8_scal
     reason = impl.supports(x.reshape(-1, x.shape[-1]), freqs, weight, bias, precision, fp8_scaling)
     if reason is not None:
         pytest.skip(f"{impl.backend}: {reason}")
-
-
-@pytest.fixture
-def poisoned_allocations(monkeypatch):
-    """Every buffer made with torch.empty starts as NaN (255, a NaN scale, for uint8), so that an element a
-    kernel forgets to write shows up in the result."""
-    empty = torch.empty
-
-    def poisoned_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return poison_(t) if t.is_floating_point() else t.fill_(255)
-
-    monkeypatch.setattr(torch, "empty", poisoned_empty)
 
 
 def _inputs(rows, d_in, m, d_out, *, dtype, device, seed, bias=True, leading=()):

@@ -1,0 +1,726 @@
+"""Fused LoRA bench: `python -m bench.lora [--mode MODE] [--dropout P] [--check-targets] [--smoke]`.
+
+    y = x @ weightᵀ + scaling · (dropout(x) @ lora_Aᵀ) @ lora_Bᵀ
+    x (M, in), weight (out, in) frozen, lora_A (r, in), lora_B (out, r); bf16 activations, no bias (as Llama)
+
+FLOPs counted (what is computed; the weight is frozen, so backward has no weight gradient — the usual
+"backward = 2 × forward" would count one that never runs):
+    forward  2·M·in·out + 2·M·r·(in + out)
+    backward 2·M·in·out + 4·M·r·(in + out)     dx = dy@weight + s·(dy@lora_B)@lora_A;  d lora_A, d lora_B
+    the base Linear alone (the floor): 2·M·in·out forward, 2·M·in·out backward (input grad only).
+Bytes counted (each operand read or written once, 2 bytes per element):
+    forward  x, weight, lora_A, lora_B, y (+ u = x@lora_Aᵀ (M, r) written when training)
+    backward dy, x (for d lora_A), u, weight, lora_A, lora_B read; dx, d lora_A, d lora_B written.
+
+Roofline of the main shape (M = 8192 tokens, in = out = 4096, r = 32), against H100 SXM datasheet peaks
+(989 TFLOP/s dense bf16, 3.35 TB/s HBM3) — ideal times from the datasheet, NOT measurements:
+    forward           279.2 GFLOP  168.8 MB   0.282 ms compute, 0.050 ms memory
+    backward          283.5 GFLOP  236.5 MB   0.287 ms compute, 0.071 ms memory
+    forward+backward  562.6 GFLOP  405.3 MB   0.569 ms compute, 0.121 ms memory
+    base Linear fwd+input grad  549.8 GFLOP   0.556 ms compute
+Compute-bound: LoRA's own FLOPs are 2.3 % over the base Linear's, so a fused kernel can approach that
+overhead; peft's separate launches, fp32 round-trip of x and (M, out) adapter product cost memory traffic.
+
+Modes: "forward" is inference (no_grad, eval, training=False); "backward" times autograd's backward alone
+over a graph built beforehand (grads for x and the adapter, retain_graph); "forward+backward" both.
+Training modes use training=True and dropout --dropout (default 0). Every peer gets the same values:
+lora_A, lora_B are drawn in bf16 (so peft's fp32 copies hold exactly them), lora_B random (not peft's
+zero init) so the adapter term is measured. Rotating input sets (x, dy) exceed 2× L2; the weights of one
+peer stay the same tensors across calls. Peak memory: torch.cuda.max_memory_allocated during one call,
+minus what was allocated before it: outputs, saved activations, grads and temporaries, not the inputs
+(in the backward mode the graph exists before the call, so only grads and temporaries).
+Error: ||y - ref|| / ||ref|| of the forward output against `cdm_fast.ops.lora.reference` in float64 on up
+to --error-rows evenly spaced rows (not computed when dropout is on in a training mode: masks differ).
+
+The Llama-7B-like layer set (q, k, v, o: 4096→4096; gate, up: 4096→11008; down: 11008→4096; r = 32) is
+timed per distinct projection shape (q/k/v/o share the main r = 32 row) and also reported as one
+"layer-set" row per peer and mode: the sum of the projections' medians (q/k/v/o counted 4×, gate/up 2×),
+as if run one after another; its peak memory is not reported (activations of a real layer overlap).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import inspect
+import math
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+import cdm_fast
+from bench import common
+from cdm_fast import dispatch
+from cdm_fast.dispatch import BackendUnavailable
+from cdm_fast.ops.lora import OP, reference
+
+
+class Shape(NamedTuple):
+    tokens: int
+    in_features: int
+    out_features: int
+    rank: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {"tokens": self.tokens, "in": self.in_features, "out": self.out_features, "r": self.rank}
+
+
+# (name, in, out) of one Llama-7B-like decoder layer's projections, and the rank the layer set runs at.
+LLAMA_7B_LAYER = (
+    ("q_proj", 4096, 4096),
+    ("k_proj", 4096, 4096),
+    ("v_proj", 4096, 4096),
+    ("o_proj", 4096, 4096),
+    ("gate_proj", 4096, 11008),
+    ("up_proj", 4096, 11008),
+    ("down_proj", 11008, 4096),
+)
+SMOKE_LAYER = tuple((name, i // 128, o // 128) for name, i, o in LLAMA_7B_LAYER)  # 32→32, 32→86, 86→32
+LAYER_SET_RANK = {"full": 32, "smoke": 4}
+SHAPES = {
+    "full": [
+        Shape(8192, 4096, 4096, 16),
+        Shape(8192, 4096, 4096, 32),  # the target shape; also q/k/v/o of the layer set
+        Shape(8192, 4096, 4096, 64),
+        Shape(8192, 4096, 11008, 32),  # gate/up
+        Shape(8192, 11008, 4096, 32),  # down
+    ],
+    "smoke": [Shape(16, 32, 32, 4), Shape(16, 32, 86, 4), Shape(16, 86, 32, 4)],
+}
+LAYER_SETS = {"full": LLAMA_7B_LAYER, "smoke": SMOKE_LAYER}
+MODES = ("forward", "backward", "forward+backward")
+BASELINE = "peft-default"
+FLOOR = "base-linear"
+TARGET_SHAPE = Shape(8192, 4096, 4096, 32)
+TARGETS = {"speedup_vs_peft": 1.3, "overhead_vs_base": 0.15, "peak_memory_vs_peft": 1.0}
+TARGET_DEVICE = "H100"
+
+
+@dataclass(frozen=True)
+class Case:
+    shape: Shape
+    mode: str
+    dtype: torch.dtype
+    dropout_p: float
+    scaling: float
+    device: torch.device
+    compile_cpu: bool
+
+    @property
+    def training(self) -> bool:
+        return self.mode != "forward"
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The values every peer starts from: weight (out, in), lora_A (r, in), lora_B (out, r), all in bf16."""
+
+    weight: torch.Tensor
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A peer built for one case: `forward(x) -> y`; backward computes grads for x and `adapter_params`."""
+
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    adapter_params: tuple[torch.Tensor, ...]
+    base_only: bool = False  # counts the base Linear's FLOPs and bytes only
+    note: str = ""
+
+
+class Skip(Exception):
+    """This peer cannot run here; the message says why."""
+
+
+# ---------------------------------------------------------------- peers
+
+
+def _adapter_params(case: Case, weights: Weights) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(t.clone().requires_grad_(case.training) for t in (weights.lora_A, weights.lora_B))
+
+
+def cdm_op(case: Case, weights: Weights, *, backend: str | None) -> Layer:
+    """The public op `cdm_fast.lora_linear` with `backend` (None: auto)."""
+    probe = torch.empty(1, case.shape.in_features, device=case.device, dtype=case.dtype)
+    if case.device.type != "cuda" and backend not in (None, "torch"):
+        try:
+            dispatch.select(OP, backend, probe, weights.weight, weights.lora_A, weights.lora_B, None)
+            reason = "the Triton interpreter on the CPU is not timed"
+        except BackendUnavailable as error:
+            reason = str(error)
+        raise Skip(reason)
+    resolved = dispatch.select(
+        OP, backend, probe, weights.weight, weights.lora_A, weights.lora_B, None
+    ).backend
+    lora_A, lora_B = _adapter_params(case, weights)
+
+    def forward(x):
+        return cdm_fast.lora_linear(
+            x,
+            weights.weight,
+            lora_A,
+            lora_B,
+            case.scaling,
+            dropout_p=case.dropout_p,
+            training=case.training,
+            backend=backend,
+        )
+
+    return Layer(forward, (lora_A, lora_B), note=f"auto chose {resolved}" if backend is None else "")
+
+
+def cdm_kernel_strategy(case: Case, weights: Weights, *, strategy: str) -> Layer:
+    """The Triton forward kernel with `strategy`: u in the base GEMM's mainloop, or a separate pass."""
+    try:
+        from cdm_fast.kernels import lora as kernels
+    except ImportError as error:
+        raise Skip(f"cdm_fast.kernels.lora cannot be imported ({error})") from None
+    if "strategy" not in inspect.signature(kernels.forward).parameters:
+        raise Skip("cdm_fast.kernels.lora.forward has no `strategy` argument")
+    if case.mode != "forward":
+        raise Skip("the strategy picks the forward kernel only; training modes are timed as cdm-triton")
+    if case.device.type != "cuda":
+        raise Skip("Triton kernels are not timed on the CPU")
+
+    def forward(x):
+        out = kernels.forward(
+            x.reshape(-1, x.shape[-1]),
+            weights.weight,
+            weights.lora_A,
+            weights.lora_B,
+            None,
+            case.scaling,
+            0.0,
+            0,
+            strategy=strategy,
+        )
+        return out[0] if isinstance(out, tuple) else out
+
+    return Layer(forward, ())
+
+
+def _peft_layer(case: Case, weights: Weights, *, autocast_adapter_dtype: bool) -> nn.Module:
+    """A real peft `lora.Linear` around a bf16 nn.Linear of `weights.weight`, adapters as peft makes them."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise Skip("peft is not installed") from None
+    _, in_features, out_features, rank = case.shape
+    model = nn.Sequential()
+    model.add_module(
+        "proj", nn.Linear(in_features, out_features, bias=False, device=case.device, dtype=case.dtype)
+    )
+    with torch.no_grad():
+        model.proj.weight.copy_(weights.weight)
+    config = LoraConfig(
+        r=rank, lora_alpha=case.scaling * rank, lora_dropout=case.dropout_p, target_modules=["proj"]
+    )
+    peft_model = get_peft_model(model, config, autocast_adapter_dtype=autocast_adapter_dtype)
+    layer = peft_model.base_model.model.proj
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(weights.lora_A)
+        layer.lora_B["default"].weight.copy_(weights.lora_B)
+    layer.train(case.training)
+    for param in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):
+        param.requires_grad_(case.training)
+    return layer
+
+
+def _peft_params(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    return layer.lora_A["default"].weight, layer.lora_B["default"].weight
+
+
+def peft_default(case: Case, weights: Weights) -> Layer:
+    layer = _peft_layer(case, weights, autocast_adapter_dtype=True)
+    dtype = str(layer.lora_A["default"].weight.dtype).removeprefix("torch.")
+    return Layer(layer, _peft_params(layer), note=f"adapters in {dtype} (autocast_adapter_dtype=True)")
+
+
+def peft_no_input_cast(case: Case, weights: Weights) -> Layer:
+    """peft with autocast_adapter_dtype=False (adapters stay bf16) and cast_input_dtype_enabled=False.
+
+    peft 0.21 exposes the flag per layer (`peft.helpers.disable_input_dtype_casting` sets it on every
+    tuner layer); with bf16 adapters x is not cast anyway, and fp32 adapters with casting off would fail.
+    """
+    layer = _peft_layer(case, weights, autocast_adapter_dtype=False)
+    layer.cast_input_dtype_enabled = False
+    return Layer(layer, _peft_params(layer), note="adapters in bf16, cast_input_dtype_enabled=False")
+
+
+def peft_compiled(case: Case, weights: Weights) -> Layer:
+    if case.device.type != "cuda" and not case.compile_cpu:
+        raise Skip("torch.compile is not timed on the CPU (compiling takes minutes there); --compile-cpu")
+    layer = _peft_layer(case, weights, autocast_adapter_dtype=True)
+    # Every case compiles lora.Linear.forward anew; without a reset, dynamo's recompile limit would
+    # silently leave later cases in eager mode.
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, dynamic=False)
+    return Layer(compiled, _peft_params(layer), note="torch.compile(peft lora.Linear), default peft config")
+
+
+class _AddmmLora(torch.autograd.Function):
+    """Unsloth-style cuBLAS sequence: out = x@Wᵀ; out.addmm_(x@Aᵀ, Bᵀ, alpha=s); backward with addmm_ too."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, scaling):
+        x2d = x.reshape(-1, x.shape[-1])
+        u = x2d @ lora_A.t()
+        out = x2d @ weight.t()
+        out.addmm_(u, lora_B.t(), alpha=scaling)
+        ctx.save_for_backward(x2d, weight, lora_A, lora_B, u)
+        ctx.scaling = scaling
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2d, weight, lora_A, lora_B, u = ctx.saved_tensors
+        scaling = ctx.scaling
+        dy = grad_out.reshape(-1, grad_out.shape[-1])
+        v = dy @ lora_B
+        grad_x = grad_A = grad_B = None
+        if ctx.needs_input_grad[0]:
+            grad_x = dy @ weight
+            grad_x.addmm_(v, lora_A, alpha=scaling)
+            grad_x = grad_x.reshape(grad_out.shape[:-1] + (weight.shape[1],))
+        if ctx.needs_input_grad[2]:
+            grad_A = torch.addmm(lora_A, v.t(), x2d, beta=0, alpha=scaling)
+        if ctx.needs_input_grad[3]:
+            grad_B = torch.addmm(lora_B, dy.t(), u, beta=0, alpha=scaling)
+        return grad_x, None, grad_A, grad_B, None
+
+
+def unsloth_addmm(case: Case, weights: Weights) -> Layer:
+    if case.training and case.dropout_p > 0:
+        raise Skip("Unsloth's fused LoRA path needs dropout 0 (it falls back to peft otherwise)")
+    lora_A, lora_B = _adapter_params(case, weights)
+    return Layer(
+        lambda x: _AddmmLora.apply(x, weights.weight, lora_A, lora_B, case.scaling),
+        (lora_A, lora_B),
+        note="hand-written, adapters in bf16",
+    )
+
+
+def base_linear(case: Case, weights: Weights) -> Layer:
+    return Layer(
+        lambda x: torch.nn.functional.linear(x, weights.weight),
+        (),
+        base_only=True,
+        note="frozen base alone (the floor): no adapter; backward = input grad only",
+    )
+
+
+def transformer_engine(case: Case, weights: Weights) -> Layer:
+    raise Skip(
+        "Transformer Engine has no LoRA layer, and its wheel (276 MB) cannot travel to the GPU machine"
+    )
+
+
+PEERS: dict[str, Callable[[Case, Weights], Layer]] = {
+    "cdm-auto": functools.partial(cdm_op, backend=None),
+    "cdm-torch": functools.partial(cdm_op, backend="torch"),
+    "cdm-triton": functools.partial(cdm_op, backend="triton"),
+    "cdm-cuda": functools.partial(cdm_op, backend="cuda"),
+    "cdm-triton-mainloop": functools.partial(cdm_kernel_strategy, strategy="mainloop"),
+    "cdm-triton-separate": functools.partial(cdm_kernel_strategy, strategy="separate"),
+    BASELINE: peft_default,
+    "peft-bf16-no-cast": peft_no_input_cast,
+    "peft-compiled": peft_compiled,
+    "unsloth-addmm": unsloth_addmm,
+    "te-linear": transformer_engine,
+    FLOOR: base_linear,
+}
+OURS = ("cdm-auto", "cdm-triton", "cdm-cuda")  # the rows --check-targets judges
+
+
+# ---------------------------------------------------------------- cost model
+
+
+def flops(shape: Shape, mode: str, base_only: bool = False) -> int:
+    m, i, o, r = shape
+    base = 2 * m * i * o
+    forward = base if base_only else base + 2 * m * r * (i + o)
+    backward = base if base_only else base + 4 * m * r * (i + o)
+    return {"forward": forward, "backward": backward, "forward+backward": forward + backward}[mode]
+
+
+def bytes_moved(shape: Shape, mode: str, base_only: bool = False, element_size: int = 2) -> int:
+    m, i, o, r = shape
+    if base_only:
+        forward = backward = m * i + i * o + m * o
+    else:
+        forward = m * i + i * o + r * (i + o) + m * o + (m * r if mode != "forward" else 0)
+        backward = m * o + 2 * m * i + m * r + i * o + 2 * r * (i + o)
+    elements = {"forward": forward, "backward": backward, "forward+backward": forward + backward}[mode]
+    return element_size * elements
+
+
+# ---------------------------------------------------------------- running
+
+
+def make_weights(shape: Shape, device: torch.device, dtype: torch.dtype) -> Weights:
+    _, in_features, out_features, rank = shape
+    weight = torch.randn(out_features, in_features, device=device, dtype=dtype) / math.sqrt(in_features)
+    lora_A = torch.randn(rank, in_features, device=device, dtype=dtype) / math.sqrt(in_features)
+    lora_B = torch.randn(out_features, rank, device=device, dtype=dtype) / math.sqrt(rank)
+    return Weights(weight, lora_A, lora_B)
+
+
+def make_inputs(shape: Shape, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(shape.tokens, shape.in_features, device=device, dtype=dtype)
+    grad_y = torch.randn(shape.tokens, shape.out_features, device=device, dtype=dtype)
+    return x, grad_y
+
+
+def _grads(y, x, layer: Layer, grad_y, retain_graph: bool = False):
+    return torch.autograd.grad(y, (x, *layer.adapter_params), grad_y, retain_graph=retain_graph)
+
+
+def timed_call(layer: Layer, mode: str, sets: list[tuple]) -> tuple[Callable, list[tuple]]:
+    """(fn, its argument sets) that time `mode`; backward builds one graph per set first."""
+    if mode == "forward":
+
+        def forward(x, grad_y):
+            with torch.no_grad():
+                return layer.forward(x)
+
+        return forward, sets
+    leaves = [(x.detach().requires_grad_(True), grad_y) for x, grad_y in sets]
+    if mode == "forward+backward":
+
+        def forward_backward(x, grad_y):
+            return _grads(layer.forward(x), x, layer, grad_y)
+
+        return forward_backward, leaves
+
+    def backward(y, x, grad_y):
+        return _grads(y, x, layer, grad_y, retain_graph=True)
+
+    return backward, [(layer.forward(x), x, grad_y) for x, grad_y in leaves]
+
+
+def peak_memory(fn: Callable, args: tuple, device: torch.device) -> int | None:
+    """Bytes allocated at the peak of one call beyond what was allocated before it; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    result = fn(*args)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del result
+    return peak
+
+
+class Reference:
+    """float64 forward output on a row subset of the first input set (rows are independent)."""
+
+    def __init__(self, x: torch.Tensor, weights: Weights, scaling: float, max_rows: int):
+        step = 1 if max_rows <= 0 else max(1, math.ceil(x.shape[0] / max_rows))
+        self.rows = torch.arange(0, x.shape[0], step, device=x.device)
+        w = weights
+        self.y = reference(
+            x[self.rows].double(), w.weight.double(), w.lora_A.double(), w.lora_B.double(), scaling
+        )
+        self.base_y = x[self.rows].double() @ w.weight.double().T
+
+    def error(self, y: torch.Tensor, base_only: bool) -> float:
+        return common.rel_error(y.reshape(-1, y.shape[-1])[self.rows], self.base_y if base_only else self.y)
+
+
+# Everything a row measures, None until measured (or where it does not apply).
+_MEASURED = dict.fromkeys(
+    "ms min_ms repeats timing flops bytes tflops gb_s peak_fraction ratio_vs_peft overhead_vs_base"
+    " peak_memory_bytes error_vs_float64 targets".split()
+)
+
+
+def _new_row(env: dict, case: Case, impl: str, **fields) -> dict:
+    """One JSON line with every key present (None where it does not apply)."""
+    row = {**env, "bench": "lora", "case": "projection", "shape": case.shape.as_dict(), "mode": case.mode}
+    row.update(dtype=str(case.dtype).removeprefix("torch."), dropout_p=case.dropout_p, scaling=case.scaling)
+    row.update(impl=impl, **_MEASURED, note="", performance_claim=case.device.type == "cuda", **fields)
+    return row
+
+
+def _set_rates(row: dict, ceilings: dict | None) -> None:
+    row["tflops"] = row["flops"] / row["ms"] / 1e9
+    row["gb_s"] = row["bytes"] / row["ms"] / 1e6
+    if ceilings:
+        row["peak_fraction"] = row["flops"] / (ceilings["bf16_gemm_tflops"] * 1e9) / row["ms"]
+
+
+def run_case(case: Case, args, env: dict, ceilings) -> tuple[list[dict], bool]:
+    """Time every peer on one (shape, mode); returns the rows and whether any peer failed."""
+    device = case.device
+    weights = make_weights(case.shape, device, case.dtype)
+    sets = common.rotating_input_sets(lambda: make_inputs(case.shape, device, case.dtype), device)
+    check_error = case.mode == "forward" or case.dropout_p == 0
+    ref = Reference(sets[0][0], weights, case.scaling, args.error_rows) if check_error else None
+    rows, failed = [], False
+    for name, build in PEERS.items():
+        row = _new_row(env, case, name, input_sets=len(sets))
+        try:
+            layer = build(case, weights)
+            row["note"] = layer.note
+            row["flops"] = flops(case.shape, case.mode, layer.base_only)
+            row["bytes"] = bytes_moved(case.shape, case.mode, layer.base_only, case.dtype.itemsize)
+            fn, fn_sets = timed_call(layer, case.mode, sets)
+            if ref is not None:
+                with torch.set_grad_enabled(case.training):
+                    row["error_vs_float64"] = ref.error(layer.forward(sets[0][0]), layer.base_only)
+            timing = common.time_fn(fn, fn_sets, device, repeats=args.repeats)
+            row.update(ms=timing.ms, min_ms=timing.min_ms, repeats=timing.repeats, timing=timing.method)
+            _set_rates(row, ceilings)
+            row["peak_memory_bytes"] = peak_memory(fn, fn_sets[0], device)
+            del fn, fn_sets, layer
+        except (Skip, BackendUnavailable) as reason:
+            row["note"] = f"skipped: {reason}"
+        except Exception as error:
+            failed = True
+            row["note"] = f"failed: {type(error).__name__}: {error}".strip()
+            traceback.print_exc()
+        rows.append(row)
+    add_ratios(rows)
+    return rows, failed
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """ratio_vs_peft = peft-default ms / ms; overhead_vs_base = ms / base-linear ms - 1 (same mode)."""
+    peft = next((r["ms"] for r in rows if r["impl"] == BASELINE and r["ms"]), None)
+    base = next((r["ms"] for r in rows if r["impl"] == FLOOR and r["ms"]), None)
+    for row in rows:
+        if row["ms"]:
+            row["ratio_vs_peft"] = peft / row["ms"] if peft else None
+            row["overhead_vs_base"] = row["ms"] / base - 1 if base else None
+
+
+def layer_set_rows(rows: list[dict], layer_set, rank: int, ceilings) -> list[dict]:
+    """Per (peer, mode): the sum over the layer set's projections of their medians, when all were timed."""
+    counts: dict[tuple[int, int], int] = {}
+    for _, in_features, out_features in layer_set:
+        counts[(in_features, out_features)] = counts.get((in_features, out_features), 0) + 1
+    summed = []
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        mode_rows = []
+        for impl in PEERS:
+            parts = {
+                (r["shape"]["in"], r["shape"]["out"]): r
+                for r in rows
+                if r["impl"] == impl
+                and r["mode"] == mode
+                and r["shape"]["r"] == rank
+                and r["case"] == "projection"
+            }
+            first = next(iter(parts.values()), None)
+            if first is None or not set(counts) <= set(parts):
+                continue
+            row = {**first, **_MEASURED, "case": "layer-set", "note": "", "input_sets": None}
+            row["shape"] = {
+                "tokens": first["shape"]["tokens"],
+                "r": rank,
+                "projections": [n for n, *_ in layer_set],
+            }
+            part_rows = [(parts[key], n) for key, n in counts.items()]
+            untimed = [p["note"] for p, _ in part_rows if not p["ms"]]
+            if untimed:
+                row["note"] = untimed[0]
+            else:
+                row["ms"] = sum(p["ms"] * n for p, n in part_rows)
+                row["flops"] = sum(p["flops"] * n for p, n in part_rows)
+                row["bytes"] = sum(p["bytes"] * n for p, n in part_rows)
+                errors = [p["error_vs_float64"] for p, _ in part_rows if p["error_vs_float64"] is not None]
+                row["error_vs_float64"] = max(errors) if errors else None
+                row["timing"] = "sum of per-projection medians"
+                row["note"] = "; ".join(dict.fromkeys(p["note"] for p, _ in part_rows if p["note"]))
+                _set_rates(row, ceilings)
+            mode_rows.append(row)
+        add_ratios(mode_rows)
+        summed.extend(mode_rows)
+    return summed
+
+
+# ---------------------------------------------------------------- targets
+
+
+def check_targets(rows: list[dict], env: dict) -> list[str]:
+    """The issue's targets at TARGET_SHAPE, forward+backward, on an H100; verdicts go to row["targets"]."""
+    lines = [
+        f"\ntargets ({TARGET_DEVICE}, bf16, r={TARGET_SHAPE.rank}, tokens {TARGET_SHAPE.tokens}, "
+        f"{TARGET_SHAPE.in_features}x{TARGET_SHAPE.out_features}, forward+backward):"
+    ]
+    unmeasured = None
+    if TARGET_DEVICE not in (env["device"] or ""):
+        unmeasured = f"device is {env['device']}, not an {TARGET_DEVICE}"
+    at_target = [
+        r
+        for r in rows
+        if r["case"] == "projection"
+        and r["mode"] == "forward+backward"
+        and r["shape"] == TARGET_SHAPE.as_dict()
+        and r["dtype"] == "bfloat16"
+    ]
+    if not at_target:
+        unmeasured = unmeasured or "the target shape and mode were not run"
+    by_impl = {r["impl"]: r for r in at_target}
+    peft, base = by_impl.get(BASELINE), by_impl.get(FLOOR)
+    for impl in OURS:
+        row = by_impl.get(impl)
+        ours_ms = row["ms"] if row else None
+        peak = row["peak_memory_bytes"] if row else None
+        values = {
+            "speedup_vs_peft": peft["ms"] / ours_ms if ours_ms and peft and peft["ms"] else None,
+            "overhead_vs_base": ours_ms / base["ms"] - 1 if ours_ms and base and base["ms"] else None,
+            "peak_memory_vs_peft": peak / peft["peak_memory_bytes"]
+            if peak is not None and peft and peft["peak_memory_bytes"]
+            else None,
+        }
+        passes = {
+            "speedup_vs_peft": lambda v: v >= TARGETS["speedup_vs_peft"],
+            "overhead_vs_base": lambda v: v <= TARGETS["overhead_vs_base"],
+            "peak_memory_vs_peft": lambda v: v <= TARGETS["peak_memory_vs_peft"],
+        }
+        labels = {
+            "speedup_vs_peft": f"speed-up vs {BASELINE} (target >= {TARGETS['speedup_vs_peft']}x)",
+            "overhead_vs_base": f"overhead vs {FLOOR}'s fwd+dx (target <= {TARGETS['overhead_vs_base']:.0%})",
+            "peak_memory_vs_peft": f"peak memory / {BASELINE}'s (target <= {TARGETS['peak_memory_vs_peft']})",
+        }
+        verdicts = {}
+        for key, value in values.items():
+            if unmeasured or value is None:
+                why = unmeasured or (row and row["note"]) or f"{impl} or a peer was not timed"
+                verdicts[key] = f"unmeasured: {why}"
+            else:
+                verdicts[key] = "pass" if passes[key](value) else "fail"
+            shown = "-" if value is None else f"{value:.3f}"
+            lines.append(f"  {impl:<10} {labels[key]:<62} {shown:>7}  {verdicts[key]}")
+        if row is not None:
+            met = all(v == "pass" for v in verdicts.values())
+            row["targets"] = {**values, "verdicts": verdicts, "met": met}
+    return lines
+
+
+# ---------------------------------------------------------------- printing and CLI
+
+
+def _describe(case: Case, env: dict, sets_note: str) -> str:
+    commit = (env["git_commit"] or "unknown") + (" (dirty)" if env["git_dirty"] else "")
+    device_text = f"{env['device']} (cc {env['cc']})" if env["cc"] else "cpu"
+    m, i, o, r = case.shape
+    return (
+        f"\nlora  tokens={m} in={i} out={o} r={r}  {case.mode}  bf16  dropout {case.dropout_p}  "
+        f"GFLOP {flops(case.shape, case.mode) / 1e9:.4g}\n"
+        f"{device_text}  torch {env['torch']}  triton {env['triton']}  peft {env['peft']}  commit {commit}  "
+        f"{sets_note}"
+    )
+
+
+def _table(rows: list[dict]) -> str:
+    notes: list[str] = []
+    for row in rows:
+        row["note_ref"] = None
+        row["peak_mib"] = None if row["peak_memory_bytes"] is None else row["peak_memory_bytes"] / 2**20
+        if row.get("note"):
+            if row["note"] not in notes:
+                notes.append(row["note"])
+            row["note_ref"] = f"[{notes.index(row['note']) + 1}]"
+    columns = [
+        common.Column("impl", "impl"),
+        common.Column("ms", "ms", "{:.3f}"),
+        common.Column("TFLOP/s", "tflops", "{:.3g}"),
+        common.Column("GB/s", "gb_s", "{:.3g}"),
+        common.Column("of bf16 GEMM", "peak_fraction", "{:.0%}"),
+        common.Column("vs peft", "ratio_vs_peft", "{:.2f}x"),
+        common.Column("over base", "overhead_vs_base", "{:+.1%}"),
+        common.Column("peak MiB", "peak_mib", "{:.0f}"),
+        common.Column("err fp64", "error_vs_float64", "{:.2e}"),
+        common.Column("note", "note_ref"),
+    ]
+    table = common.format_table(rows, columns)
+    for row in rows:
+        del row["note_ref"], row["peak_mib"]
+    return table + "".join(f"\n[{i}] {note}" for i, note in enumerate(notes, 1))
+
+
+def parse_args(argv: list[str] | None, device: torch.device) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.lora", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--mode", dest="modes", action="append", choices=MODES, help="repeatable (default: all)"
+    )
+    parser.add_argument("--dropout", type=float, default=0.0, help="dropout p in the training modes")
+    parser.add_argument("--scaling", type=float, default=2.0, help="alpha / r (default 2: alpha = 2r)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes: every path in seconds")
+    parser.add_argument("--out", type=Path, default=common.default_results_path("lora"))
+    parser.add_argument("--repeats", type=int, help="timed calls (default 50; CPU 3)")
+    parser.add_argument("--error-rows", type=int, default=1024, help="rows compared with float64 (0: all)")
+    parser.add_argument("--compile-cpu", action="store_true", help="also time torch.compile on the CPU")
+    parser.add_argument("--check-targets", action="store_true", help="judge the issue's H100 targets")
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout: expected 0 <= p < 1, got {args.dropout}")
+    args.modes = [m for m in MODES if m in (args.modes or MODES)]
+    args.size = "smoke" if args.smoke else "full"
+    args.repeats = args.repeats or (2 if args.smoke else 50 if device.type == "cuda" else 3)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    device = common.default_device()
+    args = parse_args(argv, device)
+    if device.type != "cuda":
+        print(common.NO_GPU_NOTICE)
+    env = common.environment(device)
+    try:
+        import peft
+
+        env["peft"] = peft.__version__
+    except ImportError:
+        env["peft"] = None
+    ceilings = None if args.smoke else common.measure_ceilings(device)
+    if ceilings:
+        print("ceilings: " + "  ".join(f"{k} {v:.0f}" for k, v in ceilings.items()))
+    all_rows, failed = [], False
+    for shape in SHAPES[args.size]:
+        for mode in args.modes:
+            case = Case(shape, mode, torch.bfloat16, args.dropout, args.scaling, device, args.compile_cpu)
+            rows, case_failed = run_case(case, args, env, ceilings)
+            print(_describe(case, env, f"{rows[0]['input_sets']} rotating input set(s)"))
+            print(_table(rows))
+            all_rows.extend(rows)
+            failed = failed or case_failed
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    layer_set, rank = LAYER_SETS[args.size], LAYER_SET_RANK[args.size]
+    summed = layer_set_rows(all_rows, layer_set, rank, ceilings)
+    if summed:
+        names = ", ".join(name for name, *_ in layer_set)
+        print(f"\nlayer set ({names}), r={rank}: sums of per-projection medians")
+        for mode in args.modes:
+            print(f"\n{mode}\n" + _table([r for r in summed if r["mode"] == mode]))
+    all_rows.extend(summed)
+    if args.check_targets:
+        print("\n".join(check_targets(all_rows, env)))
+    for row in all_rows:
+        row.update(ceilings=ceilings, smoke=args.smoke)
+    path = common.append_jsonl(args.out, all_rows)
+    print(f"\nappended {len(all_rows)} rows to {path}")
+    if device.type != "cuda":
+        print(common.NO_GPU_NOTICE)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

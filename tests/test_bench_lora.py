@@ -1,0 +1,108 @@
+"""The LoRA bench's smoke mode on the CPU: strict JSON lines with every field, every peer timed or skipped."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # `bench` is a folder of the checkout, not an installed package
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench import lora  # noqa: E402
+
+REQUIRED_KEYS = {
+    "device", "cc", "torch", "triton", "cuda", "peft", "git_commit", "timestamp", "bench", "case", "shape",
+    "mode", "dtype", "dropout_p", "impl", "ms", "tflops", "gb_s", "ratio_vs_peft", "overhead_vs_base",
+    "peak_memory_bytes", "error_vs_float64", "flops", "bytes", "targets", "note", "performance_claim",
+    "smoke",
+}  # fmt: skip
+ALWAYS_TIMED = ("cdm-auto", "cdm-torch", lora.BASELINE, "peft-bf16-no-cast", "unsloth-addmm", lora.FLOOR)
+
+
+def _strict_json(line: str) -> dict:
+    def reject(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(line, parse_constant=reject)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "lora.jsonl"
+    mp = pytest.MonkeyPatch()
+    for name in ("TRITON_INTERPRET", "CDM_FAST_BACKEND"):
+        mp.delenv(name, raising=False)
+    try:
+        status = lora.main(["--smoke", "--check-targets", "--repeats", "1", "--out", str(out)])
+    finally:
+        mp.undo()
+    return status, [_strict_json(line) for line in out.read_text().splitlines()]
+
+
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="CPU smoke test; on a GPU run `python -m bench.lora` itself"
+)
+
+
+def test_smoke_run_succeeds_and_writes_strict_json_rows_with_every_field(smoke_run):
+    status, rows = smoke_run
+    assert status == 0
+    assert rows
+    for row in rows:
+        assert REQUIRED_KEYS <= row.keys(), REQUIRED_KEYS - row.keys()
+        assert row["device"] == "cpu" and row["performance_claim"] is False and row["smoke"] is True
+        assert not row["note"].startswith("failed"), row
+
+
+def test_every_peer_is_timed_or_skipped_with_a_reason_in_every_shape_and_mode(smoke_run):
+    _, rows = smoke_run
+    projection_rows = [r for r in rows if r["case"] == "projection"]
+    cases = {(json.dumps(r["shape"]), r["mode"]) for r in projection_rows}
+    assert len(cases) == len(lora.SHAPES["smoke"]) * len(lora.MODES)
+    for shape, mode in cases:
+        case_rows = [r for r in projection_rows if (json.dumps(r["shape"]), r["mode"]) == (shape, mode)]
+        by_impl = {r["impl"]: r for r in case_rows}
+        assert set(by_impl) == set(lora.PEERS)
+        for impl, row in by_impl.items():
+            timed = row["ms"] is not None and row["ms"] > 0 and row["tflops"] > 0 and row["gb_s"] > 0
+            skipped = row["ms"] is None and row["note"].startswith("skipped: ") and len(row["note"]) > 12
+            assert timed != skipped, (impl, mode, row["note"])
+        for impl in ALWAYS_TIMED:
+            assert by_impl[impl]["ms"] is not None, (impl, by_impl[impl]["note"])
+            assert by_impl[impl]["error_vs_float64"] < 2e-2
+        assert by_impl[lora.BASELINE]["ratio_vs_peft"] == pytest.approx(1.0)
+        assert by_impl[lora.FLOOR]["overhead_vs_base"] == pytest.approx(0.0)
+
+
+def test_layer_set_rows_sum_the_projections_medians(smoke_run):
+    _, rows = smoke_run
+    rank = lora.LAYER_SET_RANK["smoke"]
+    for mode in lora.MODES:
+        parts = {
+            (r["shape"]["in"], r["shape"]["out"]): r["ms"]
+            for r in rows
+            if r["case"] == "projection" and r["impl"] == lora.FLOOR and r["mode"] == mode
+        }
+        expected = sum(parts[(i, o)] for _, i, o in lora.SMOKE_LAYER)
+        layer_set = [r for r in rows if r["case"] == "layer-set" and r["mode"] == mode]
+        (summed,) = [r for r in layer_set if r["impl"] == lora.FLOOR]
+        assert summed["shape"]["r"] == rank and summed["ms"] == pytest.approx(expected)
+
+
+def test_check_targets_reports_unmeasured_off_an_h100(smoke_run):
+    _, rows = smoke_run
+    lines = lora.check_targets(rows, {"device": "cpu"})
+    verdict_lines = [line for line in lines[1:] if line.strip()]
+    assert verdict_lines and all("unmeasured" in line for line in verdict_lines)
+
+
+def test_flop_count_of_the_main_shape_matches_the_docstring_roofline():
+    shape = lora.TARGET_SHAPE
+    assert lora.flops(shape, "forward") / 1e9 == pytest.approx(279.2, abs=0.05)
+    assert lora.flops(shape, "backward") / 1e9 == pytest.approx(283.5, abs=0.05)
+    assert lora.flops(shape, "forward+backward", base_only=True) / 1e9 == pytest.approx(549.8, abs=0.05)
