@@ -1,7 +1,8 @@
 """Drop the fused ops into models built by other libraries.
 
-`patch_peft(model)` makes every supported peft `lora.Linear` run `cdm_fast.lora_linear` (one op for the base
-product and the adapter) by overriding the module's `forward` on the instance: the module objects, their
+`patch_peft(model)` makes every supported peft `lora.Linear`, and every peft `lora.bnb.Linear4bit` (QLoRA: the
+adapter over a bitsandbytes 4-bit base), run `cdm_fast.lora_linear` (one op for the base product and the
+adapter) by overriding the module's `forward` on the instance: the module objects, their
 parameters, state_dict keys and `save_pretrained` output stay exactly peft's, so adapters saved after patching
 are ordinary peft adapters. The fused forward re-checks the layer's state on every call (adapters disabled,
 merged, another active adapter, extra arguments) and hands anything it does not cover to peft's own forward,
@@ -11,15 +12,18 @@ so a patched model never computes something peft would not.
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from cdm_fast import quant
 from cdm_fast.ops.lora import lora_linear
 
-QUANTIZED_REASON = "quantized base (issue 14)"
+QUANTIZED_REASON = "quantized base other than bitsandbytes 4-bit"
+EIGHT_BIT_REASON = "8-bit base is not supported (4-bit only)"
 # peft modules that wrap a quantized base layer (bitsandbytes, GPTQ, AWQ, HQQ, ...) live in these files.
 _QUANTIZED_PEFT_MODULES = ("bnb", "gptq", "awq", "aqlm", "eetq", "hqq", "torchao", "inc")
 _QUANTIZED_BASE_PACKAGES = (
@@ -71,10 +75,13 @@ def patch_peft(model: nn.Module, *, backend: str | None = None) -> PatchReport:
     """Make every supported peft LoRA Linear in `model` run the fused `lora_linear` op.
 
     Works on a `PeftModel` and on any module tree with adapters injected by `peft.inject_adapter_in_model`.
-    Supported: a peft `lora.Linear` over an unquantised `nn.Linear` (not fan_in_fan_out), not merged, with
-    exactly one active adapter that is vanilla LoRA (no DoRA or other variant, no lora_bias) and whose
-    dropout is `nn.Identity` or `nn.Dropout`. Every other LoRA module is left untouched and listed in
-    `report.skipped` with its reason. Patching twice does not wrap twice (the backend is updated).
+    Supported: a peft `lora.Linear` over an unquantised `nn.Linear` (not fan_in_fan_out), or a peft
+    `lora.bnb.Linear4bit` over a `bitsandbytes.nn.Linear4bit` whose quantised weight
+    `cdm_fast.quant.from_bitsandbytes` reads (NF4/FP4, double quantisation or not; not bitsandbytes' CPU
+    repacked layout); not merged, with exactly one active adapter that is vanilla LoRA (no DoRA or other
+    variant, no lora_bias) and whose dropout is `nn.Identity` or `nn.Dropout`. Every other LoRA module is
+    left untouched and listed in `report.skipped` with its reason. Patching twice does not wrap twice (the
+    backend is updated).
 
     Args:
         model: the model to patch in place.
@@ -124,6 +131,29 @@ def _is_fused_forward(forward: Any) -> bool:
     return isinstance(forward, functools.partial) and forward.func is _fused_forward
 
 
+def _bnb_class(name: str) -> type | None:
+    """`bitsandbytes.nn.<name>`, or None when bitsandbytes was never imported (then no such layer exists)."""
+    return getattr(sys.modules.get("bitsandbytes.nn"), name, None)
+
+
+def _is_bnb_4bit(module: nn.Module) -> bool:
+    """Whether `module` is peft's `lora.bnb.Linear4bit`: LoRA over a bitsandbytes 4-bit Linear."""
+    linear4bit = _bnb_class("Linear4bit")
+    return (
+        linear4bit is not None
+        and type(module).__module__ == "peft.tuners.lora.bnb"
+        and type(module).__name__ == "Linear4bit"
+        and isinstance(module.get_base_layer(), linear4bit)
+    )
+
+
+def _is_bnb_8bit(module: nn.Module) -> bool:
+    linear8bit = _bnb_class("Linear8bitLt")
+    return type(module).__name__ == "Linear8bitLt" or (
+        linear8bit is not None and isinstance(module.get_base_layer(), linear8bit)
+    )
+
+
 def _quantized(module: nn.Module) -> bool:
     peft_file = type(module).__module__.rsplit(".", 1)[-1]
     if type(module).__module__.startswith("peft.") and peft_file in _QUANTIZED_PEFT_MODULES:
@@ -134,17 +164,35 @@ def _quantized(module: nn.Module) -> bool:
     return any(cls.__module__.split(".")[0] in _QUANTIZED_BASE_PACKAGES for cls in classes)
 
 
+def _base_4bit_reason(base: nn.Module) -> str | None:
+    """Why the fused op cannot read `base` (a bitsandbytes Linear4bit) as it is now, or None when it can."""
+    linear4bit = _bnb_class("Linear4bit")
+    if type(base).forward is not linear4bit.forward:
+        return f"base layer {type(base).__name__} overrides bitsandbytes' Linear4bit.forward"
+    try:
+        quant.from_bitsandbytes(base.weight)
+    except ValueError as error:
+        return f"4-bit weight not readable: {error}"
+    return None
+
+
 def _unsupported_reason(module: nn.Module) -> str | None:
     """Why the fused op cannot compute `module`'s forward in its current state, or None when it can."""
     from peft.tuners.lora import Linear as LoraLinear
 
-    if _quantized(module):
+    if _is_bnb_4bit(module):
+        reason = _base_4bit_reason(module.get_base_layer())
+        if reason is not None:
+            return reason
+    elif _is_bnb_8bit(module):
+        return EIGHT_BIT_REASON
+    elif _quantized(module):
         return QUANTIZED_REASON
-    if not isinstance(module, LoraLinear):
+    elif not isinstance(module, LoraLinear):
         return f"not a LoRA Linear layer ({type(module).__module__}.{type(module).__name__})"
-    if type(module.base_layer) is not nn.Linear:
+    elif type(module.base_layer) is not nn.Linear:
         return f"base layer is {type(module.base_layer).__name__}, not nn.Linear"
-    if module.fan_in_fan_out:
+    elif module.fan_in_fan_out:
         return "fan_in_fan_out (transposed base weight)"
     if module.merged:
         return f"merged adapter weights ({', '.join(module.merged_adapters)})"
@@ -187,6 +235,11 @@ def _fused_forward(module: nn.Module, backend: str | None, x: torch.Tensor, *arg
         return type(module).forward(module, x, *args, **kwargs)
     adapter = next(name for name in module.active_adapters if name in module.lora_A)
     dropout = module.lora_dropout[adapter]
+    if _is_bnb_4bit(module):
+        if torch.is_autocast_enabled(x.device.type):
+            # bitsandbytes' 4-bit matmul and peft's adapter-dtype handling under autocast are not mirrored.
+            return type(module).forward(module, x, *args, **kwargs)
+        return _fused_4bit_forward(module, adapter, backend, x)
     if torch.is_autocast_enabled(x.device.type):
         # peft's base_layer(x) runs F.linear in the autocast dtype, and its result dtype is the layer's.
         x = x.to(torch.get_autocast_dtype(x.device.type))
@@ -202,3 +255,36 @@ def _fused_forward(module: nn.Module, backend: str | None, x: torch.Tensor, *arg
         training=dropout.training,
         backend=backend,
     )
+
+
+def _fused_4bit_forward(
+    module: nn.Module, adapter: str, backend: str | None, x: torch.Tensor
+) -> torch.Tensor:
+    # As bitsandbytes' Linear4bit.forward: the first input's dtype may fix compute_dtype, x and bias run in
+    # compute_dtype (bias.data is cast in place), the result comes back in x's dtype. peft adds the adapter,
+    # computed in its own dtype, cast to that same result dtype; the fused op computes it in compute_dtype.
+    base = module.base_layer
+    if not base.compute_type_is_set:
+        base.set_compute_type(x)
+        base.compute_type_is_set = True
+    input_dtype = x.dtype
+    if base.compute_dtype is not None:
+        x = x.to(base.compute_dtype)
+    bias = base.bias
+    if bias is not None:
+        if bias.dtype != x.dtype:
+            bias.data = bias.data.to(x.dtype)
+        bias = bias.to(x.dtype)
+    dropout = module.lora_dropout[adapter]
+    y = lora_linear(
+        x,
+        base.weight,
+        module.lora_A[adapter].weight,
+        module.lora_B[adapter].weight,
+        float(module.scaling[adapter]),
+        bias,
+        dropout_p=dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
+        training=dropout.training,
+        backend=backend,
+    )
+    return y.to(input_dtype)

@@ -121,6 +121,47 @@ def dropout_keep(seed, rows, cols, threshold):
     return (bits >> 8) >= threshold
 
 
+@triton.jit
+def load_4bit_tile(
+    codes_ptr,
+    absmax_ptr,
+    code_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    offset,
+    blocksize,
+    nested_blocksize,
+    rows,
+    cols,
+    stride_row,
+    stride_col,
+    num_rows,
+    num_cols,
+    DOUBLE_QUANT: tl.constexpr,
+):
+    """The (rows × cols) tile, in fp32, of a bitsandbytes 4-bit matrix, 0 outside it (`cdm_fast.quant`).
+
+    Strides are those of the dense row-major (out, in) weight the codes stand for, so a transposed view is a
+    swap of strides. Element f of the flat weight is nibble f % 2 (high first) of byte f // 2, its value
+    code[nibble] · absmax[f // blocksize]; a double-quantised absmax is itself
+    nested_code[absmax byte] · nested_absmax[block // nested_blocksize] + offset. Every lookup is a gather
+    from a table of 16 or 256 entries (cache-resident), and nothing dequantised is written to memory.
+    """
+    flat = rows[:, None].to(tl.int64) * stride_row + cols[None, :].to(tl.int64) * stride_col
+    inside = (rows[:, None] < num_rows) & (cols[None, :] < num_cols)
+    packed = tl.load(codes_ptr + flat // 2, mask=inside, other=0)
+    nibble = tl.where(flat % 2 == 0, packed >> 4, packed & 0xF)
+    value = tl.load(code_ptr + nibble)
+    block = flat // blocksize
+    if DOUBLE_QUANT:
+        absmax_byte = tl.load(absmax_ptr + block, mask=inside, other=0)
+        nested = tl.load(nested_absmax_ptr + block // nested_blocksize, mask=inside, other=0.0)
+        scale = tl.load(nested_code_ptr + absmax_byte) * nested + offset
+    else:
+        scale = tl.load(absmax_ptr + block, mask=inside, other=0.0)
+    return tl.where(inside, value * scale, 0.0)
+
+
 def autotune_configs(configs: list[triton.Config], interpreter: triton.Config) -> list[triton.Config]:
     """The autotune candidates for this session: one small config under the interpreter, where timing
     candidates would take minutes and measure nothing."""

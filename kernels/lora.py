@@ -16,6 +16,8 @@ at 4096 outputs and r = 32, "mainloop" at narrow outputs and decode-sized N. `ch
 The weight gradients are split-M reductions, `lora_weight_grad`:
     d lora_A = scaling/(1-p) · vᵀ @ (keep ⊙ x)     d lora_B = scaling · dyᵀ @ u
 kept apart from the dgrad so that `cdm_fast.wgrad.deferred` can run them later on a side stream.
+The base weight may be 4-bit (QLoRA, `cdm_fast.quant.Weight4bit`): forward and dgrad decode its codes in the
+mainloop (`load_4bit_tile`, code book and block scales gathered in registers); no dense copy is written.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import triton.language as tl
 
 from cdm_fast import device as devices
 from cdm_fast.ops.lora import drop_threshold
+from cdm_fast.quant import Weight4bit
 
 from .common import (
     autotune_configs,
@@ -33,12 +36,15 @@ from .common import (
     dot_in_dtype,
     dropout_keep,
     grouped_tile,
+    load_4bit_tile,
     load_tile,
     prune_by_shared_memory,
     store_tile,
 )
 
 STRATEGIES = ("mainloop", "separate")
+# At most this many tokens take the decode path (`_lora_decode_kernel`).
+DECODE_MAX_TOKENS = 64
 # The r·(N tiles - 1) above which repeating u's FLOPs in every N tile costs more than re-reading x once:
 # peak bf16 FLOP/s over DRAM bytes/s on an H100 SXM (989e12 / 3.35e12), rounded.
 _MAINLOOP_REPEAT_LIMIT = 300
@@ -65,9 +71,19 @@ def _matmul_configs() -> list[triton.Config]:
     )
 
 
+# Bytes per base-weight element a 4-bit pipeline stage holds: Triton pipelines every gathered load, so the
+# packed byte, the code-book value (fp32) and the scale (fp32, or its byte plus the two nested fp32 lookups)
+# each get a staged copy. Measured against the compiled kernels' shared memory (bench.aot).
+_4BIT_STAGE_BYTES = {False: 1 + 4 + 4, True: 1 + 4 + 1 + 4 + 4}
+
+
 def _matmul_stage_bytes(meta, args):
     """One pipeline stage: the a tile, the w tile and, in the mainloop strategy, the down tile."""
-    per_k = meta["BLOCK_M"] * args["a_ptr"].element_size() + meta["BLOCK_N"] * args["w_ptr"].element_size()
+    if args.get("WEIGHT_4BIT"):
+        w_bytes = _4BIT_STAGE_BYTES[bool(args.get("DOUBLE_QUANT"))]
+    else:
+        w_bytes = args["w_ptr"].element_size()
+    per_k = meta["BLOCK_M"] * args["a_ptr"].element_size() + meta["BLOCK_N"] * w_bytes
     if args.get("COMPUTE_T"):
         per_k += args["RANK_BLOCK"] * args["down_ptr"].element_size()
     return meta["BLOCK_K"] * per_k
@@ -96,13 +112,20 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 @triton.autotune(
     configs=_matmul_configs(),
-    key=["M", "N", "K", "RANK_BLOCK", "COMPUTE_T", "INPUT_DROPOUT", "EPILOGUE_DROPOUT"],
+    key=["M", "N", "K", "RANK_BLOCK", "COMPUTE_T", "INPUT_DROPOUT", "EPILOGUE_DROPOUT", "WEIGHT_4BIT"],
     prune_configs_by={"early_config_prune": prune_by_shared_memory(_matmul_stage_bytes)},
 )
 @triton.jit
 def _lora_matmul_kernel(
     a_ptr,
     w_ptr,
+    w_absmax_ptr,
+    w_code_ptr,
+    w_nested_absmax_ptr,
+    w_nested_code_ptr,
+    w_offset,
+    w_blocksize,
+    w_nested_blocksize,
     down_ptr,
     up_ptr,
     bias_ptr,
@@ -133,6 +156,8 @@ def _lora_matmul_kernel(
     COMPUTE_T: tl.constexpr,
     INPUT_DROPOUT: tl.constexpr,
     EPILOGUE_DROPOUT: tl.constexpr,
+    WEIGHT_4BIT: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -155,7 +180,28 @@ def _lora_matmul_kernel(
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         a = load_tile(a_ptr, m, k, stride_a_m, stride_a_k, M, K, 0.0)
-        w = load_tile(w_ptr, k, n, stride_w_k, stride_w_n, K, N, 0.0)
+        if WEIGHT_4BIT:
+            # QLoRA: the base weight is decoded from its 4-bit codes in registers, tile by tile.
+            w = load_4bit_tile(
+                w_ptr,
+                w_absmax_ptr,
+                w_code_ptr,
+                w_nested_absmax_ptr,
+                w_nested_code_ptr,
+                w_offset,
+                w_blocksize,
+                w_nested_blocksize,
+                k,
+                n,
+                stride_w_k,
+                stride_w_n,
+                K,
+                N,
+                DOUBLE_QUANT,
+            )
+            w = cast(w, a_ptr.dtype.element_ty, INTERPRET)
+        else:
+            w = load_tile(w_ptr, k, n, stride_w_k, stride_w_n, K, N, 0.0)
         acc = dot_in_dtype(a, w, acc, INPUT_PRECISION, INTERPRET)
         if COMPUTE_T:
             # t accumulates beside acc from the same a tile, so a is read from memory once.
@@ -178,6 +224,37 @@ def _lora_matmul_kernel(
     if bias_ptr is not None:
         acc += tl.load(bias_ptr + n * stride_bias, mask=n < N, other=0.0).to(tl.float32)[None, :]
     store_tile(out_ptr, acc, m, n, stride_out_m, stride_out_n, M, N, INTERPRET)
+
+
+def _decode_configs() -> list[triton.Config]:
+    # Few tokens: the weight stream is the whole cost. Narrow N tiles spread it over many SMs; long K tiles
+    # keep many bytes in flight per program.
+    return autotune_configs(
+        [
+            triton.Config(
+                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1}, num_stages=s, num_warps=w
+            )
+            for bm, bn, bk, s, w in [
+                (16, 32, 256, 4, 4),
+                (16, 64, 128, 4, 4),
+                (16, 64, 256, 3, 4),
+                (32, 64, 128, 4, 4),
+                (64, 64, 128, 3, 4),
+                (64, 32, 64, 3, 4),
+            ]
+        ],
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1}, num_stages=1, num_warps=4),
+    )
+
+
+# The decode path (M ≤ DECODE_MAX_TOKENS): the same kernel with GEMV-shaped tiles, always computing t in the
+# mainloop, so the weight is streamed once and the low-rank term costs no second launch (t's repeat across N
+# tiles is r·K·M FLOPs and lora_A's bytes from L2, small beside the weight's bytes from DRAM).
+_lora_decode_kernel = triton.autotune(
+    configs=_decode_configs(),
+    key=["M", "N", "K", "RANK_BLOCK", "COMPUTE_T", "INPUT_DROPOUT", "EPILOGUE_DROPOUT", "WEIGHT_4BIT"],
+    prune_configs_by={"early_config_prune": prune_by_shared_memory(_matmul_stage_bytes)},
+)(_lora_matmul_kernel.fn)
 
 
 @triton.autotune(
@@ -304,7 +381,7 @@ def rank_block(rank: int) -> int:
 def choose_strategy(M: int, N: int, rank: int, dropout_p: float) -> str:
     """ "mainloop" or "separate" for the skinny t (see the module docstring's roofline)."""
     repeated_tiles = triton.cdiv(N, _ASSUMED_BLOCK_N) - 1
-    if repeated_tiles == 0:
+    if repeated_tiles == 0 or M <= DECODE_MAX_TOKENS:
         return "mainloop"
     # With dropout every repeat also re-hashes the a tile's mask: then only one N tile may compute t.
     if dropout_p == 0 and rank_block(rank) * repeated_tiles <= _MAINLOOP_REPEAT_LIMIT:
@@ -342,15 +419,39 @@ def lora_down(
     return t
 
 
+def _base_weight_args(
+    weight: torch.Tensor | Weight4bit, transpose: bool
+) -> tuple[list, tuple[int, int], dict]:
+    """The kernel's base-weight arguments for w = weight (forward) or weightᵀ (dgrad): the pointers and
+    4-bit parameters, (stride_w_n, stride_w_k), and the constexprs."""
+    if isinstance(weight, Weight4bit):
+        # The codes stand for a row-major (out, in) matrix: its transpose is a swap of those strides.
+        strides = (1, weight.in_features) if transpose else (weight.in_features, 1)
+        pointers = [
+            weight.codes,
+            weight.absmax,
+            weight.code,
+            weight.nested_absmax,
+            weight.nested_code,
+            float(weight.offset),
+            weight.blocksize,
+            max(weight.nested_blocksize, 1),
+        ]
+        return pointers, strides, {"WEIGHT_4BIT": True, "DOUBLE_QUANT": weight.double_quant}
+    w = weight.t() if transpose else weight
+    return [w, None, None, None, None, 0.0, 1, 1], w.stride(), {"WEIGHT_4BIT": False, "DOUBLE_QUANT": False}
+
+
 def lora_matmul(
     a: torch.Tensor,
-    w: torch.Tensor,
+    weight: torch.Tensor | Weight4bit,
     down: torch.Tensor,
     up: torch.Tensor,
     bias: torch.Tensor | None,
     t: torch.Tensor | None,
     epilogue_scale: float,
     *,
+    transpose_weight: bool,
     input_dropout: bool,
     epilogue_dropout: bool,
     dropout_p: float,
@@ -358,19 +459,23 @@ def lora_matmul(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, t): out = a @ wᵀ + bias + epilogue_scale · [keep ⊙] (t @ upᵀ), with t = [keep ⊙] a @ downᵀ.
 
-    a (M, K), w (N, K), down (r, K), up (N, r), any strides (w, down, up may be transposed views); t (M, r)
-    given ("separate") or None to compute it in the mainloop, in which case it is returned new. out (M, N)
-    is new, in a's dtype.
+    w = weight (out, in), or its transpose when `transpose_weight`; weight dense (any strides and float
+    dtype) or 4-bit (`Weight4bit`). a (M, K), down (r, K), up (N, r), any strides; t (M, r) given
+    ("separate") or None to compute it in the mainloop, in which case it is returned new. out (M, N) is new,
+    in a's dtype. M ≤ DECODE_MAX_TOKENS launches the decode-shaped tiles.
     """
-    (M, K), N = a.shape, w.shape[0]
+    M, K = a.shape
+    N = up.shape[0]
     rank = up.shape[1]
     compute_t = t is None
     if compute_t:
         t = torch.empty(M, rank, dtype=a.dtype, device=a.device)
     out = torch.empty(M, N, dtype=a.dtype, device=a.device)
-    _lora_matmul_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](
+    weight_args, weight_strides, weight_flags = _base_weight_args(weight, transpose_weight)
+    kernel = _lora_decode_kernel if M <= DECODE_MAX_TOKENS else _lora_matmul_kernel
+    kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](
         a,
-        w,
+        *weight_args,
         down,
         up,
         bias,
@@ -386,7 +491,7 @@ def lora_matmul(
         # t is rescaled by 1/(1 - p) only where it is the dropped input's product (forward).
         1.0 / (1.0 - dropout_p) if input_dropout else 1.0,
         *a.stride(),
-        *w.stride(),
+        *weight_strides,
         *down.stride(),
         *up.stride(),
         bias.stride(0) if bias is not None else 0,
@@ -396,6 +501,9 @@ def lora_matmul(
         COMPUTE_T=compute_t,
         INPUT_DROPOUT=input_dropout and dropout_p > 0,
         EPILOGUE_DROPOUT=epilogue_dropout and dropout_p > 0,
+        **weight_flags,
+        # bitsandbytes rounds the double-quantised scale's product and sum separately: no FMA contraction.
+        enable_fp_fusion=not weight_flags["DOUBLE_QUANT"],
         INPUT_PRECISION=_input_precision(a.dtype),
         INTERPRET=devices.triton_interpret(),
     )
@@ -450,7 +558,7 @@ def lora_weight_grad(
 
 def forward(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | Weight4bit,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     bias: torch.Tensor | None,
@@ -464,7 +572,7 @@ def forward(
     tile to x's), lora_A (r, in), lora_B (out, r). y (M, out) and u (M, r) are new, in x's dtype.
     `strategy` None picks by `choose_strategy`.
     """
-    M, N, rank = x.shape[0], weight.shape[0], lora_A.shape[0]
+    M, N, rank = x.shape[0], lora_B.shape[0], lora_A.shape[0]
     strategy = strategy or choose_strategy(M, N, rank, dropout_p)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {STRATEGIES} or None, got {strategy!r}")
@@ -479,6 +587,7 @@ def forward(
         bias,
         u,
         scaling,
+        transpose_weight=False,
         input_dropout=True,
         epilogue_dropout=False,
         dropout_p=dropout_p,
@@ -488,7 +597,7 @@ def forward(
 
 def input_grad(
     grad_y: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | Weight4bit,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     scaling: float,
@@ -498,18 +607,19 @@ def input_grad(
     strategy: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, v): dx = dy @ weight + scaling/(1-p) · keep ⊙ (v @ lora_A), v = dy @ lora_B (M, r), both new."""
-    M, in_features, rank = grad_y.shape[0], weight.shape[1], lora_A.shape[0]
+    M, in_features, rank = grad_y.shape[0], lora_A.shape[1], lora_A.shape[0]
     strategy = strategy or choose_strategy(M, in_features, rank, 0.0)
     lora_A, lora_B = lora_A.to(grad_y.dtype), lora_B.to(grad_y.dtype)
     v = lora_down(grad_y, lora_B.t()) if strategy == "separate" else None
     return lora_matmul(
         grad_y,
-        weight.t(),
+        weight,
         lora_B.t(),
         lora_A.t(),
         None,
         v,
         scaling / (1.0 - dropout_p),
+        transpose_weight=True,
         input_dropout=False,
         epilogue_dropout=True,
         dropout_p=dropout_p,
@@ -539,7 +649,7 @@ def weight_grads(
 def backward(
     grad_y: torch.Tensor,
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | Weight4bit,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     u: torch.Tensor,

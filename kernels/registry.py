@@ -32,6 +32,7 @@ HELPERS = frozenset(
         "store_tile",
         "hash32",
         "dropout_keep",
+        "load_4bit_tile",
         "_mx_scale_exponent",
         "_sin_cos_of_turns",
         "_dot",
@@ -329,23 +330,31 @@ def _any_mma(dtype: str) -> dict[tuple[int, int], tuple[str, ...]]:
 _LORA_RANK_BLOCK = 32
 
 
-def _lora_matmul_variants() -> tuple[Variant, ...]:
-    kernel = lora._lora_matmul_kernel
+def _lora_matmul_variants(kernel, decode: bool = False) -> tuple[Variant, ...]:
     variants = []
-    # forward: w = weight (out, in) row-major; dgrad: w = weightᵀ, read N-major.
+    # forward: w = weight (out, in) row-major; dgrad: w = weightᵀ, read N-major. "4bit": a double-quantised
+    # bitsandbytes base (codes, uint8 absmax with its nested tables), read through its own strides.
     roles = (
         ("forward-mainloop-dropout", "stride_w_k", {"COMPUTE_T": True, "INPUT_DROPOUT": True}),
         ("forward-separate", "stride_w_k", {"COMPUTE_T": False, "INPUT_DROPOUT": False}),
         ("dgrad-mainloop-dropout", "stride_w_n", {"COMPUTE_T": True, "EPILOGUE_DROPOUT": True}),
+        ("forward-4bit", "stride_w_k", {"COMPUTE_T": True, "WEIGHT_4BIT": True, "DOUBLE_QUANT": True}),
+        ("dgrad-4bit", "stride_w_n", {"COMPUTE_T": True, "EPILOGUE_DROPOUT": True, "WEIGHT_4BIT": True}),
     )
     for dtype in ("bf16", "fp16", "fp32"):
         operand = _TRITON_DTYPES[dtype]
         for role, unit, flags in roles:
+            if decode and not flags["COMPUTE_T"]:
+                continue  # the decode path always computes t in the mainloop
+            if "4bit" in role and dtype != "bf16":
+                continue  # the 4-bit decode is dtype-independent up to the final cast
             constexprs = {
                 "RANK_BLOCK": _LORA_RANK_BLOCK,
                 "COMPUTE_T": False,
                 "INPUT_DROPOUT": False,
                 "EPILOGUE_DROPOUT": False,
+                "WEIGHT_4BIT": False,
+                "DOUBLE_QUANT": False,
                 **flags,
                 "INPUT_PRECISION": _input_precision(dtype),
                 "INTERPRET": False,
@@ -354,18 +363,32 @@ def _lora_matmul_variants() -> tuple[Variant, ...]:
                 name: operand for name in ("a_ptr", "w_ptr", "down_ptr", "up_ptr", "t_ptr", "out_ptr")
             }
             pointers["bias_ptr"] = operand if role.startswith("forward") else None
+            if constexprs["WEIGHT_4BIT"]:
+                double = constexprs["DOUBLE_QUANT"]
+                pointers.update(
+                    w_ptr="*u8",
+                    w_absmax_ptr="*u8" if double else "*fp32",
+                    w_code_ptr="*fp32",
+                    w_nested_absmax_ptr="*fp32" if double else None,
+                    w_nested_code_ptr="*fp32" if double else None,
+                )
+            else:
+                pointers.update(
+                    w_absmax_ptr=None, w_code_ptr=None, w_nested_absmax_ptr=None, w_nested_code_ptr=None
+                )
             variants.append(
                 _variant(
                     kernel,
                     f"{dtype}-{role}",
                     pointers,
                     constexprs,
-                    _mma(dtype),
-                    unit_strides=("stride_a_k", unit, "stride_out_n", "stride_t_r")
+                    _any_mma(dtype) if decode else _mma(dtype),
+                    unit_strides=("stride_a_k", "stride_out_n", "stride_t_r")
+                    + (() if constexprs["WEIGHT_4BIT"] else (unit,))
                     + (("stride_bias",) if role.startswith("forward") else ()),
-                    floats=("epilogue_scale", "dropout_rescale"),
+                    floats=("epilogue_scale", "dropout_rescale", "w_offset"),
                     forbidden=(_FORBIDDEN["fp32"],) if dtype == "fp32" else (),
-                    every_config=dtype == "bf16" and role == "forward-separate",
+                    every_config=dtype == "bf16" and role in ("forward-separate", "forward-mainloop-dropout"),
                 )
             )
     return tuple(variants)
@@ -446,7 +469,16 @@ def kernels() -> tuple[KernelEntry, ...]:
         KernelEntry("projection._output_kernel", projection._output_kernel, _output_variants()),
         KernelEntry("projection._phase_grad_kernel", projection._phase_grad_kernel, _phase_grad_variants()),
         KernelEntry("projection._matmul_kernel", projection._matmul_kernel, _matmul_variants()),
-        KernelEntry("lora._lora_matmul_kernel", lora._lora_matmul_kernel, _lora_matmul_variants()),
+        KernelEntry(
+            "lora._lora_matmul_kernel",
+            lora._lora_matmul_kernel,
+            _lora_matmul_variants(lora._lora_matmul_kernel),
+        ),
+        KernelEntry(
+            "lora._lora_decode_kernel",
+            lora._lora_decode_kernel,
+            _lora_matmul_variants(lora._lora_decode_kernel, decode=True),
+        ),
         KernelEntry("lora._lora_down_kernel", lora._lora_down_kernel, _lora_down_variants()),
         KernelEntry(
             "lora._lora_weight_grad_kernel", lora._lora_weight_grad_kernel, _lora_weight_grad_variants()

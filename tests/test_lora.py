@@ -32,7 +32,7 @@ if devices.triton_available():
         tl.store(out_ptr + tl.arange(0, ROWS)[:, None] * COLS + cols[None, :], keep.to(tl.int8))
 
 
-ODD = (37, 45, 53, 5)  # tokens, in, out, r: none a multiple of 16
+ODD = (77, 45, 53, 5)  # tokens, in, out, r: none a multiple of 16; tokens above the decode path's 64
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SCALING = 0.75
 
@@ -339,6 +339,20 @@ def test_triton_strategies_match_float64_reference_forward_and_backward(
 
 
 @requires_triton
+@pytest.mark.parametrize("tokens", (1, 7, 64))
+def test_triton_decode_path_agrees_with_the_gemm_path_and_the_reference(tokens, poisoned_allocations):
+    assert tokens <= lora_kernels.DECODE_MAX_TOKENS < ODD[0]
+    x, weight, lora_A, lora_B, bias = _inputs(*ODD, dtype=torch.float32, device=kernel_device(), seed=20)
+    y_gemm, u_gemm = lora_kernels.forward(x, weight, lora_A, lora_B, bias, SCALING, 0.0, 0)
+    y_decode, u_decode = lora_kernels.forward(x[:tokens], weight, lora_A, lora_B, bias, SCALING, 0.0, 0)
+    tolerance = REGISTRY[(lora_op.OP, "triton")].tolerances["float32"]
+    assert rel_error(y_decode, y_gemm[:tokens]) <= tolerance
+    assert rel_error(u_decode, u_gemm[:tokens]) <= tolerance
+    expected = reference(*_float64(x[:tokens], weight, lora_A, lora_B), SCALING, *_float64(bias))
+    assert rel_error(y_decode, expected) <= tolerance
+
+
+@requires_triton
 def test_triton_weight_grad_split_over_many_programs_matches_one_program():
     # More rows than one split holds: the partial sums of several programs must add up.
     left = torch.randn(300, 20, device=kernel_device())
@@ -354,6 +368,104 @@ def test_choose_strategy_follows_the_roofline():
     assert lora_kernels.choose_strategy(8192, 128, 32, 0.1) == "mainloop"
     assert lora_kernels.choose_strategy(8192, 512, 32, 0.0) == "mainloop"
     assert lora_kernels.choose_strategy(8192, 512, 32, 0.1) == "separate"
+    assert lora_kernels.choose_strategy(64, 4096, 32, 0.1) == "mainloop"
+
+
+# ---------------------------------------------------------------- 4-bit base (QLoRA)
+
+
+def _params4bit(weight: torch.Tensor, quant_type: str, double_quant: bool, blocksize: int = 64):
+    """A bitsandbytes Params4bit of `weight`, quantised by bitsandbytes itself (on the CPU)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    functional = pytest.importorskip("bitsandbytes.functional")
+    codes, state = functional.quantize_4bit(
+        weight, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant
+    )
+    params = bnb.nn.Params4bit(
+        data=codes,
+        requires_grad=False,
+        quant_state=state,
+        quant_type=quant_type,
+        blocksize=blocksize,
+        compress_statistics=double_quant,
+        bnb_quantized=True,
+    )
+    return params, functional.dequantize_4bit(codes, state)
+
+
+QUANT_CASES = [("nf4", True, 64), ("nf4", False, 128), ("fp4", True, 32), ("fp4", False, 64)]
+
+
+@requires_triton
+@pytest.mark.parametrize("quant_type, double_quant, blocksize", QUANT_CASES, ids=str)
+def test_triton_4bit_decode_is_bit_exact_against_bitsandbytes(quant_type, double_quant, blocksize):
+    # out · in odd and in not a multiple of the blocksize: bytes and blocks straddle row ends.
+    d_out, d_in = 53, 45
+    weight = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(21))
+    params, dequantised = _params4bit(weight, quant_type, double_quant, blocksize)
+    from cdm_fast import quant
+
+    base = quant.from_bitsandbytes(params.to(kernel_device()))
+    # An identity activation in float32 (IEEE products) copies the decoded weight into y exactly.
+    identity = torch.eye(d_in, device=kernel_device())
+    y, _ = lora_kernels.forward(
+        identity,
+        base,
+        torch.zeros(1, d_in, device=identity.device),
+        torch.zeros(d_out, 1, device=identity.device),
+        None,
+        0.0,
+        0.0,
+        0,
+    )
+    assert torch.equal(y.t().cpu(), dequantised)
+
+
+@pytest.mark.parametrize("dropout_p", (0.0, 0.3), ids=("no_dropout", "dropout"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=_dtype_name)
+@pytest.mark.parametrize("quant_type, double_quant, blocksize", QUANT_CASES[:2] + QUANT_CASES[3:], ids=str)
+def test_4bit_base_forward_and_grads_match_float64_reference_of_the_dequantised_weight(
+    impl, quant_type, double_quant, blocksize, dtype, dropout_p, poisoned_allocations
+):
+    device = _device_of(impl.backend)
+    x, weight, lora_A, lora_B, bias = _inputs(*ODD[:3], 1, dtype=dtype, device="cpu", seed=22)
+    params, dequantised = _params4bit(weight, quant_type, double_quant, blocksize)
+    x, params, lora_A, lora_B, bias = (t.to(device) for t in (x, params, lora_A, lora_B, bias))
+    from cdm_fast import quant
+
+    _skip_unless_served(impl, x, quant.from_bitsandbytes(params), lora_A, lora_B, bias)
+    grad_y = torch.randn(ODD[0], ODD[2], generator=torch.Generator().manual_seed(23)).to(x)
+    y, grads = _gradients(impl, x, params, lora_A, lora_B, bias, grad_y, dropout_p=dropout_p, torch_seed=24)
+    y64, grads64 = _reference_gradients(
+        x,
+        dequantised.to(dtype),
+        lora_A,
+        lora_B,
+        bias,
+        grad_y,
+        dropout_p=dropout_p,
+        dropout_seed=_seed_of_next_call(24),
+    )
+    tolerance = impl.tolerances[_dtype_name(dtype)]
+    assert rel_error(y, y64) <= tolerance
+    for name, grad, grad64 in zip(("x", "lora_A", "lora_B"), grads, grads64, strict=True):
+        assert rel_error(grad, grad64) <= tolerance, name
+
+
+def test_4bit_base_with_mismatched_shape_raises_naming_weight():
+    weight = torch.randn(6, 9)
+    params, _ = _params4bit(weight, "nf4", True)
+    args = _valid_args()  # x is (5, 8): the 4-bit weight is (6, 9)
+    with pytest.raises(ValueError, match=r"^weight: expected \(out, 8\)"):
+        lora_linear(args[0], params, args[2], args[3], SCALING)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors only fail the cuda gate without a GPU run")
+def test_explicit_cuda_with_4bit_base_raises_backend_unavailable():
+    params, _ = _params4bit(torch.randn(6, 8), "nf4", True)
+    args = _valid_args()
+    with pytest.raises(BackendUnavailable, match="cuda"):
+        lora_linear(args[0], params, args[2], args[3], SCALING, backend="cuda")
 
 
 # ---------------------------------------------------------------- validation and dispatch

@@ -25,7 +25,9 @@ import functools
 import torch
 
 from cdm_fast import device as devices
+from cdm_fast import quant
 from cdm_fast.dispatch import Implementation, register, register_examples, requested_backend, select
+from cdm_fast.quant import Weight4bit
 
 OP = "lora"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -94,9 +96,16 @@ def reference(
 ) -> torch.Tensor:
     """The definition: plain torch, differentiable, computed in float32 (float64 if any input is float64).
 
+    weight may be 4-bit (a bitsandbytes `Params4bit` or a `cdm_fast.quant.Weight4bit`): it is decoded
+    (`cdm_fast.quant.dequantize`) and rounded to x's dtype first, the values the kernels multiply with.
+
     dropout_p > 0 applies the counter-based mask of `dropout_seed` (`dropout_keep`), scaled by 1/(1 - p).
     Returns y (..., out) in x.dtype.
     """
+    if quant.is_4bit(weight):
+        weight = quant.from_bitsandbytes(weight)
+    if isinstance(weight, Weight4bit):
+        weight = quant.dequantize(weight, x.dtype)
     inputs = [t for t in (x, weight, lora_A, lora_B, bias) if t is not None]
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in inputs) else torch.float32
     x2d = x.reshape(-1, x.shape[-1]).to(dtype)
@@ -111,7 +120,14 @@ def reference(
 
 
 def _validate(x, weight, lora_A, lora_B, scaling, bias, dropout_p) -> None:
-    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
+    dense_weight = None if isinstance(weight, Weight4bit) else weight
+    for name, t in (
+        ("x", x),
+        ("weight", dense_weight),
+        ("lora_A", lora_A),
+        ("lora_B", lora_B),
+        ("bias", bias),
+    ):
         if t is None:
             continue
         if not isinstance(t, torch.Tensor):
@@ -123,7 +139,9 @@ def _validate(x, weight, lora_A, lora_B, scaling, bias, dropout_p) -> None:
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x: expected (..., in) with in ≥ 1, got {tuple(x.shape)}")
     in_features = x.shape[-1]
-    if weight.dim() != 2 or weight.shape[1] != in_features:
+    if dense_weight is None and weight.device != x.device:
+        raise ValueError(f"weight: expected device {x.device} (x's), got {weight.device}")
+    if len(weight.shape) != 2 or weight.shape[1] != in_features:
         raise ValueError(
             f"weight: expected (out, {in_features}) to match x's last dim, got {tuple(weight.shape)}"
         )
@@ -162,7 +180,9 @@ def lora_linear(
 
     Args:
         x: (..., in) float16/bfloat16/float32 (float64 on the torch backend); any strides.
-        weight: (out, in) frozen base weight, any float dtype (cast to x's dtype tile by tile).
+        weight: (out, in) frozen base weight, any float dtype (cast to x's dtype tile by tile), or a
+            bitsandbytes 4-bit `Params4bit` (NF4/FP4, any blocksize, double quantisation or not; QLoRA),
+            which the Triton kernels decode tile by tile without writing a dequantised copy.
         lora_A: (r, in); lora_B: (out, r) — peft's `lora_A.weight` and `lora_B.weight`.
         scaling: alpha / r (peft's `scaling[adapter]`).
         bias: optional (out,).
@@ -173,6 +193,8 @@ def lora_linear(
         y (..., out) in x.dtype. Differentiable in x, lora_A and lora_B through the fused backward; when
         weight or bias require grad, the whole call runs the differentiable reference instead.
     """
+    if quant.is_4bit(weight):
+        weight = quant.from_bitsandbytes(weight)
     _validate(x, weight, lora_A, lora_B, scaling, bias, dropout_p)
     if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
         # As nn.Linear under autocast: the activation in the autocast dtype; the products below then run
@@ -180,14 +202,63 @@ def lora_linear(
         x = x.to(torch.get_autocast_dtype(x.device.type))
     p = float(dropout_p) if training else 0.0
     seed = new_dropout_seed() if p > 0 else 0
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
+    if isinstance(weight, torch.Tensor) and (
+        weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
         return reference(x, weight, lora_A, lora_B, float(scaling), bias, dropout_p=p, dropout_seed=seed)
     resolved = requested_backend(backend)
     x2d = x.reshape(-1, x.shape[-1])
     # Fail before any launch (and outside the custom op, so the message is not wrapped).
     select(OP, resolved, x2d, weight, lora_A, lora_B, bias)
-    y2d, _ = _lora_op(x2d, weight, lora_A, lora_B, bias, float(scaling), p, seed, resolved)
+    y2d, _ = _lora_op(x2d, *_flatten_weight(weight), lora_A, lora_B, bias, float(scaling), p, seed, resolved)
     return y2d.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _flatten_weight(weight: torch.Tensor | Weight4bit) -> tuple:
+    """The base weight as custom-op arguments: (weight, tables, blocksize, nested_blocksize, offset, out).
+
+    A dense weight is itself with no tables; a 4-bit one is its codes with the tables
+    [absmax, code(, nested_absmax, nested_code)] and its scalars.
+    """
+    if not isinstance(weight, Weight4bit):
+        return weight, [], 0, 0, 0.0, weight.shape[0]
+    tables = [weight.absmax, weight.code]
+    if weight.double_quant:
+        tables += [weight.nested_absmax, weight.nested_code]
+    return (
+        weight.codes,
+        tables,
+        weight.blocksize,
+        weight.nested_blocksize,
+        float(weight.offset),
+        weight.shape[0],
+    )
+
+
+def _unflatten_weight(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    tables: list[torch.Tensor],
+    blocksize: int,
+    nested_blocksize: int,
+    offset: float,
+    out_features: int,
+) -> torch.Tensor | Weight4bit:
+    if not tables:
+        return weight
+    return Weight4bit(
+        codes=weight,
+        absmax=tables[0],
+        code=tables[1],
+        blocksize=blocksize,
+        shape=(out_features, x.shape[1]),
+        dtype=x.dtype,
+        quant_type="table",
+        nested_absmax=tables[2] if len(tables) > 2 else None,
+        nested_code=tables[3] if len(tables) > 2 else None,
+        nested_blocksize=nested_blocksize,
+        offset=offset,
+    )
 
 
 # ---------------------------------------------------------------- custom ops and autograd
@@ -197,6 +268,11 @@ def lora_linear(
 def _lora_op(
     x: torch.Tensor,
     weight: torch.Tensor,
+    weight_tables: list[torch.Tensor],
+    blocksize: int,
+    nested_blocksize: int,
+    offset: float,
+    out_features: int,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     bias: torch.Tensor | None,
@@ -205,13 +281,15 @@ def _lora_op(
     dropout_seed: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = select(OP, backend, x, weight, lora_A, lora_B, bias)
-    return impl.forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, dropout_seed)
+    base = _unflatten_weight(x, weight, weight_tables, blocksize, nested_blocksize, offset, out_features)
+    impl = select(OP, backend, x, base, lora_A, lora_B, bias)
+    return impl.forward(x, base, lora_A, lora_B, bias, scaling, dropout_p, dropout_seed)
 
 
 @_lora_op.register_fake
-def _(x, weight, lora_A, lora_B, bias, scaling, dropout_p, dropout_seed, backend):
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+def _(x, weight, weight_tables, *args):
+    lora_A, lora_B = args[4], args[5]
+    return x.new_empty(x.shape[0], lora_B.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
 
 
 @torch.library.custom_op("cdm_fast::lora_linear_backward", mutates_args=())
@@ -219,6 +297,11 @@ def _lora_backward_op(
     grad_y: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
+    weight_tables: list[torch.Tensor],
+    blocksize: int,
+    nested_blocksize: int,
+    offset: float,
+    out_features: int,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     u: torch.Tensor,
@@ -228,16 +311,18 @@ def _lora_backward_op(
     needs_x_grad: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = select(OP, backend, x, weight, lora_A, lora_B, None)
+    base = _unflatten_weight(x, weight, weight_tables, blocksize, nested_blocksize, offset, out_features)
+    impl = select(OP, backend, x, base, lora_A, lora_B, None)
     grad_x, grad_A, grad_B = impl.backward(
-        grad_y.contiguous(), x, weight, lora_A, lora_B, u, scaling, dropout_p, dropout_seed, needs_x_grad
+        grad_y.contiguous(), x, base, lora_A, lora_B, u, scaling, dropout_p, dropout_seed, needs_x_grad
     )
     # A custom op cannot return None: an empty tensor stands for "not requested".
     return grad_x if grad_x is not None else grad_y.new_empty(0), grad_A, grad_B
 
 
 @_lora_backward_op.register_fake
-def _(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, dropout_seed, needs_x_grad, backend):
+def _(grad_y, x, weight, weight_tables, *args):
+    lora_A, lora_B, needs_x_grad = args[4], args[5], args[-2]
     grad_x = (
         torch.empty_like(x, memory_format=torch.contiguous_format) if needs_x_grad else grad_y.new_empty(0)
     )
@@ -245,21 +330,50 @@ def _(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, dropout_seed, ne
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, lora_A, lora_B, bias, scaling, dropout_p, dropout_seed, backend = inputs
+    (
+        x,
+        weight,
+        weight_tables,
+        *weight_scalars,
+        lora_A,
+        lora_B,
+        bias,
+        scaling,
+        dropout_p,
+        dropout_seed,
+        backend,
+    ) = inputs
     _, u = output
-    ctx.save_for_backward(x, weight, lora_A, lora_B, u)
+    ctx.save_for_backward(x, weight, lora_A, lora_B, u, *weight_tables)
+    ctx.weight_scalars = weight_scalars
     ctx.config = (scaling, dropout_p, dropout_seed)
     ctx.backend = backend
 
 
 def _backward(ctx, grad_y, grad_u):
-    x, weight, lora_A, lora_B, u = ctx.saved_tensors
-    needs_x, _, needs_A, needs_B = ctx.needs_input_grad[:4]
+    x, weight, lora_A, lora_B, u, *weight_tables = ctx.saved_tensors
+    needs_x = ctx.needs_input_grad[0]
+    needs_A, needs_B = ctx.needs_input_grad[7:9]
     grad_x, grad_A, grad_B = _lora_backward_op(
-        grad_y, x, weight, lora_A, lora_B, u, *ctx.config, needs_x, ctx.backend
+        grad_y,
+        x,
+        weight,
+        weight_tables,
+        *ctx.weight_scalars,
+        lora_A,
+        lora_B,
+        u,
+        *ctx.config,
+        needs_x,
+        ctx.backend,
     )
     return (
         grad_x if needs_x else None,
+        None,
+        [None] * len(weight_tables),  # the frozen base's tables, in the inputs' structure
+        None,
+        None,
+        None,
         None,
         grad_A if needs_A else None,
         grad_B if needs_B else None,
@@ -302,8 +416,14 @@ def _autocast_off(function):
     return run
 
 
+def _dense(weight: torch.Tensor | Weight4bit, x: torch.Tensor) -> torch.Tensor:
+    """The base weight as a dense tensor: a 4-bit one decoded and rounded to x's dtype, as the kernels do."""
+    return quant.dequantize(weight, x.dtype) if isinstance(weight, Weight4bit) else weight
+
+
 @_autocast_off
 def _torch_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, dropout_seed):
+    weight = _dense(weight, x)
     dtype = _compute_dtype(x)
     u = _dropped_input(x, dtype, dropout_p, dropout_seed) @ lora_A.to(dtype).T
     y = x.to(dtype) @ weight.to(dtype).T + scaling * (u @ lora_B.to(dtype).T)
@@ -314,6 +434,7 @@ def _torch_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p, dropout_
 
 @_autocast_off
 def _torch_backward(grad_y, x, weight, lora_A, lora_B, u, scaling, dropout_p, dropout_seed, needs_x_grad):
+    weight = _dense(weight, x)
     dtype = _compute_dtype(x)
     grad_c = grad_y.to(dtype)
     v = grad_c @ lora_B.to(dtype)
@@ -349,9 +470,8 @@ register(
 
 
 def _triton_supports(x, weight, lora_A, lora_B, bias):
-    reason = devices.triton_unavailable_reason(
-        *[t for t in (x, weight, lora_A, lora_B, bias) if t is not None]
-    )
+    base = weight.codes if isinstance(weight, Weight4bit) else weight
+    reason = devices.triton_unavailable_reason(*[t for t in (x, base, lora_A, lora_B, bias) if t is not None])
     if reason is not None:
         return reason
     if x.dtype == torch.float64:
@@ -395,6 +515,8 @@ register(
 def _cuda_supports(x, weight, lora_A, lora_B, bias):
     from cdm_fast import _extension
 
+    if isinstance(weight, Weight4bit):
+        return "a 4-bit base weight is served by the Triton kernels"
     return _extension.lora_supports(x, weight, lora_A, lora_B, bias)
 
 
