@@ -18,15 +18,19 @@ Over those positions:
                              numbers are deterministic and do not depend on the batch a prompt lands in).
 - CDM = 100 * (E * S * R) ** (1/3); a prompt is "deep" when CDM >= threshold (default 80).
 
-E, S and the clean p_t come from one eager forward over prompt + completion (`output_attentions=True`), R from
-K more forwards; position ids come from the attention mask, so a prompt scores the same alone and inside a
-left-padded batch. Cost per batch: one greedy generation, 1 + K forwards over prompt + completion; memory is
-dominated by the attention weights, layers x batch x heads x length^2 floats.
+E, S and the clean p_t come from one eager forward over prompt + completion, R from K more forwards;
+position ids come from the attention mask, so a prompt scores the same alone and inside a left-padded batch.
+Cost per batch: one greedy generation, one forward over prompt + completion, and K forwards over only the
+blocks above `noise_layer` (blocks 0..noise_layer see the clean inputs in every pass, so their clean output
+is replayed, not recomputed). The output head runs on the T scored positions only. S is reduced layer by
+layer by hooks on the chosen layers' attention modules, so memory holds one layer's attention weights
+(batch x heads x length^2 floats) at a time, plus batch x T x |V| logits.
 `attention_sparsity_from_weights` is the eager definition of S, the reference for the fused entropy kernel.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 from collections.abc import Sequence
@@ -179,6 +183,32 @@ def _js_divergence(p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     return (half_sum - torch.xlogy(m, m).sum(-1)).clamp_min(0.0)
 
 
+def _visible_keys(key_mask: torch.Tensor, query_mask: torch.Tensor) -> tuple:
+    """(scored row indices, visible (batch, rows, keys), counted and log n_visible (batch, rows))."""
+    key_mask = key_mask.bool()
+    query_rows = query_mask.bool().any(0).nonzero().flatten()
+    length = key_mask.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=key_mask.device).tril()[query_rows]
+    visible = causal[None] & key_mask[:, None, :]  # (batch, rows, keys)
+    n_visible = visible.sum(-1)  # (batch, rows)
+    counted = query_mask.bool()[:, query_rows] & (n_visible >= 2)
+    return query_rows, visible, counted, torch.log(n_visible.clamp_min(2).double())
+
+
+def _concentration_sum(weights: torch.Tensor, rows: tuple) -> torch.Tensor:
+    """(batch,) float64 sum of 1 - H(row) / log(n_visible) over one layer's heads and counted rows."""
+    query_rows, visible, counted, log_n = rows
+    weights = weights[:, :, query_rows, :].double() * visible[:, None]
+    weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    entropy = -torch.xlogy(weights, weights).sum(-1)  # (batch, heads, rows)
+    return ((1.0 - entropy / log_n[:, None]) * counted[:, None]).sum((1, 2))
+
+
+def _mean_concentration(total: torch.Tensor, counted: torch.Tensor, num_heads: int, num_layers: int):
+    count = counted.sum(-1) * num_heads * num_layers
+    return torch.where(count > 0, total / count.clamp_min(1), torch.ones_like(total))
+
+
 def attention_sparsity_from_weights(
     attentions: Sequence[torch.Tensor], key_mask: torch.Tensor, query_mask: torch.Tensor
 ) -> torch.Tensor:
@@ -191,23 +221,11 @@ def attention_sparsity_from_weights(
     with at least two visible keys; the row is renormalized over its visible keys (padding keys excluded
     from the entropy and from n_visible). A sequence with no such row gets 1.0.
     """
-    key_mask = key_mask.bool()
-    query_rows = query_mask.bool().any(0).nonzero().flatten()
-    length = key_mask.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=key_mask.device).tril()[query_rows]
-    visible = causal[None] & key_mask[:, None, :]  # (batch, rows, keys)
-    n_visible = visible.sum(-1)  # (batch, rows)
-    counted = query_mask.bool()[:, query_rows] & (n_visible >= 2)
-    log_n = torch.log(n_visible.clamp_min(2).double())
+    rows = _visible_keys(key_mask, query_mask)
     total = torch.zeros(key_mask.shape[0], dtype=torch.float64, device=key_mask.device)
     for weights in attentions:
-        rows = weights[:, :, query_rows, :].double() * visible[:, None]
-        rows = rows / rows.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-        entropy = -torch.xlogy(rows, rows).sum(-1)  # (batch, heads, rows)
-        concentration = (1.0 - entropy / log_n[:, None]) * counted[:, None]
-        total += concentration.sum((1, 2))
-    count = counted.sum(-1) * attentions[0].shape[1] * len(attentions)
-    return torch.where(count > 0, total / count.clamp_min(1), torch.ones_like(total))
+        total += _concentration_sum(weights, rows)
+    return _mean_concentration(total, rows[2], attentions[0].shape[1], len(attentions))
 
 
 def _noise_directions(
@@ -244,6 +262,120 @@ def _noisy_logits(model, layer, inputs: dict, directions: torch.Tensor, noise_sc
         handle.remove()
 
 
+@contextlib.contextmanager
+def _replaying(blocks: Sequence[torch.nn.Module], output):
+    """The blocks return `output` without computing anything (hooks still run).
+
+    The noisy passes perturb the output of block l; blocks 0..l see exactly the clean inputs, so their
+    clean output is replayed instead of recomputed: the same numbers for about half the cost.
+    """
+    saved = [vars(block).get("forward") for block in blocks]
+    for block in blocks:
+        block.forward = lambda *args, **kwargs: output
+    try:
+        yield
+    finally:
+        for block, forward in zip(blocks, saved, strict=True):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
+
+
+@contextlib.contextmanager
+def _logits_of_last(model, count: int):
+    """The output head sees only the last `count` positions (the scored ones): the vocabulary-wide GEMM
+    and the logits in memory shrink from the whole sequence to those positions."""
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    if not isinstance(head, torch.nn.Module):
+        yield
+        return
+
+    def last_positions(module, args):
+        return (args[0][:, -count:], *args[1:]) if args else None
+
+    handle = head.register_forward_pre_hook(last_positions)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _attention_modules(model, blocks: Sequence[torch.nn.Module]) -> tuple[list[torch.nn.Module], int] | None:
+    """Each block's attention module and where its output holds the weights, from transformers' own
+    output-recording spec (`_can_record_outputs`); None when it is absent or ambiguous."""
+    spec = (getattr(model, "_can_record_outputs", None) or {}).get("attentions")
+    if isinstance(spec, type):
+        target, index = spec, 1
+    elif spec is not None and not getattr(spec, "layer_name", None):
+        target, index = getattr(spec, "target_class", None), getattr(spec, "index", 1)
+    else:
+        return None
+    if not isinstance(target, type):
+        return None
+    modules = []
+    for block in blocks:
+        found = [module for module in block.modules() if isinstance(module, target)]
+        if len(found) != 1:
+            return None
+        modules.append(found[0])
+    return modules, index
+
+
+def _no_weights_error(model) -> ValueError:
+    return ValueError(
+        "model: no attention weights came back; load it with attn_implementation='eager' "
+        f"(it uses {getattr(model.config, '_attn_implementation', 'unknown')!r})"
+    )
+
+
+def _clean_pass(model, inputs: dict, key_mask, query_mask, settings: dict, steps: int):
+    """One eager forward: (logits at the last `steps` positions, S per row, the noise block's output).
+
+    S is accumulated layer by layer by hooks on the chosen layers' attention modules, so no layer's
+    (batch, heads, length, length) weights outlive its own forward; models without a usable
+    `_can_record_outputs` spec fall back to output_attentions=True (all layers kept, then reduced).
+    """
+    blocks = _decoder_layers(model)
+    chosen = [blocks[index] for index in settings["attention_layers"]]
+    rows = _visible_keys(key_mask, query_mask)
+    captured: dict = {"heads": None, "layers": 0}
+    total = torch.zeros(key_mask.shape[0], dtype=torch.float64, device=key_mask.device)
+
+    def keep_output(module, args, output):
+        captured["output"] = output
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_logits_of_last(model, steps))
+        handles = [blocks[settings["noise_layer"]].register_forward_hook(keep_output)]
+        attention = _attention_modules(model, chosen)
+        if attention is not None:
+            modules, index = attention
+
+            def reduce_weights(module, args, output):
+                weights = output[index] if isinstance(output, (tuple, list)) and len(output) > index else None
+                if not isinstance(weights, torch.Tensor) or weights.dim() != 4:
+                    raise _no_weights_error(model)
+                total.add_(_concentration_sum(weights, rows))
+                captured["heads"], captured["layers"] = weights.shape[1], captured["layers"] + 1
+
+            handles += [module.register_forward_hook(reduce_weights) for module in modules]
+        for handle in handles:
+            stack.callback(handle.remove)
+        if attention is not None:
+            logits = model(**inputs, use_cache=False).logits
+            sparsity = _mean_concentration(total, rows[2], captured["heads"], captured["layers"])
+        else:
+            clean = model(**inputs, use_cache=False, output_attentions=True)
+            if clean.attentions is None or any(weights is None for weights in clean.attentions):
+                raise _no_weights_error(model)
+            logits = clean.logits
+            sparsity = attention_sparsity_from_weights(
+                [clean.attentions[index] for index in settings["attention_layers"]], key_mask, query_mask
+            )
+    return logits[:, -steps:], sparsity, captured["output"]
+
+
 def _generate(model, input_ids, attention_mask, max_new_tokens: int, pad_id: int, eos_ids: set[int]):
     from transformers import GenerationConfig
 
@@ -268,7 +400,7 @@ def _completion_lengths(generated: torch.Tensor, eos_ids: set[int]) -> torch.Ten
     return lengths
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def _score_batch(model, tokenizer, prompt_ids, settings: dict) -> list[dict]:
     device = next(model.parameters()).device
     pad_id = settings["pad_id"]
@@ -295,32 +427,25 @@ def _score_batch(model, tokenizer, prompt_ids, settings: dict) -> list[dict]:
         "position_ids": _position_ids(mask).to(device),
     }
 
-    clean = model(**inputs, output_attentions=True)
-    if clean.attentions is None or any(weights is None for weights in clean.attentions):
-        raise ValueError(
-            "model: no attention weights came back; load it with attn_implementation='eager' "
-            f"(it uses {getattr(model.config, '_attn_implementation', 'unknown')!r})"
-        )
-    # Only the last `steps` columns hold scored positions; the vocabulary-wide math stays on those.
+    clean_logits, attention_sparsity, noise_block_output = _clean_pass(
+        model, inputs, mask.to(device), scored.to(device), settings, steps
+    )
     counts = window.sum(-1).double()
-    clean_logits = clean.logits[:, prompt_length - 1 :]
     entropy_collapse = ((1.0 - _normalized_entropy(clean_logits)).cpu() * window).sum(-1) / counts
-    attention_sparsity = attention_sparsity_from_weights(
-        [clean.attentions[index] for index in settings["attention_layers"]],
-        mask.to(device),
-        scored.to(device),
-    ).cpu()
-    del clean  # the attention weights dominate memory; the noisy passes do not need them
+    attention_sparsity = attention_sparsity.cpu()
 
-    layer = _decoder_layers(model)[settings["noise_layer"]]
+    blocks = _decoder_layers(model)
     hidden_size = model.config.hidden_size
     divergence = torch.zeros(sequence.shape[0], dtype=torch.float64)
     clean_probs = torch.softmax(clean_logits.double(), dim=-1)
-    for sample in range(settings["noise_samples"]):
-        directions = _noise_directions(sequence, mask, hidden_size, settings["seed"], sample).to(device)
-        noisy = _noisy_logits(model, layer, inputs, directions, settings["noise_scale"])
-        noisy_logits = noisy[:, prompt_length - 1 :]
-        divergence += (_js_divergence(clean_probs, noisy_logits).cpu() * window).sum(-1) / counts
+    noisy_inputs = inputs | {"use_cache": False}
+    with _logits_of_last(model, steps), _replaying(blocks[: settings["noise_layer"] + 1], noise_block_output):
+        for sample in range(settings["noise_samples"]):
+            directions = _noise_directions(sequence, mask, hidden_size, settings["seed"], sample).to(device)
+            noisy_logits = _noisy_logits(
+                model, blocks[settings["noise_layer"]], noisy_inputs, directions, settings["noise_scale"]
+            )[:, -steps:]
+            divergence += (_js_divergence(clean_probs, noisy_logits).cpu() * window).sum(-1) / counts
     basin_resistance = (1.0 - divergence / settings["noise_samples"] / math.log(2)).clamp(0.0, 1.0)
 
     rows = []
@@ -432,6 +557,19 @@ def fraction_deep(results: Sequence[CDMResult], threshold: float = DEFAULT_THRES
     if len(results) == 0:
         raise ValueError("results: expected at least one CDMResult, got none")
     return sum(result.cdm >= threshold for result in results) / len(results)
+
+
+def top_fraction(results: Sequence[CDMResult], fraction: float = 0.25) -> float:
+    """The CDM threshold that calls the top `fraction` of `results` deep: their (1 - fraction) quantile.
+
+    Absolute CDM levels vary by model; `fraction_deep(results, top_fraction(results, f))` is about f
+    (more with ties).
+    """
+    if len(results) == 0:
+        raise ValueError("results: expected at least one CDMResult, got none")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction: expected a number in (0, 1], got {fraction!r}")
+    return float(np.quantile([result.cdm for result in results], 1.0 - fraction))
 
 
 def summarize(

@@ -48,3 +48,10 @@ def poisoned_allocations(monkeypatch):
         return poison_(t) if t.is_floating_point() else t.fill_(255)
 
     monkeypatch.setattr(torch, "empty", poisoned_empty)
+
+
+@pytest.fixture(scope="session")
+def embedded_model_cache(tmp_path_factory):
+    """A model cache the real-model tests share, so the embedded GGUF is converted once per session and
+    nothing is written under ~/.cache."""
+    return tmp_path_factory.mktemp("embedded_model_cache")

