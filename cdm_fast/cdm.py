@@ -25,7 +25,9 @@ blocks above `noise_layer` (blocks 0..noise_layer see the clean inputs in every 
 is replayed, not recomputed). The output head runs on the T scored positions only. S is reduced layer by
 layer by hooks on the chosen layers' attention modules, so memory holds one layer's attention weights
 (batch x heads x length^2 floats) at a time, plus batch x T x |V| logits.
-`attention_sparsity_from_weights` is the eager definition of S, the reference for the fused entropy kernel.
+`attention_sparsity_from_weights` is the eager definition of S, the reference for the fused entropy kernel;
+on a model running attn_implementation="cdm_block_sparse" S comes from that kernel's per-query entropy
+(`attention_sparsity_from_entropy`), recorded during the same forward: no attention weights are materialised.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from tqdm.auto import tqdm
 
 DEFINITION = "cdm_fast.cdm/1"
 DEFAULT_THRESHOLD = 80.0
+# On this attention implementation S comes from the fused entropy (cdm_fast.patch.register_hf_attention).
+FUSED_ATTENTION = "cdm_block_sparse"
 
 
 @dataclass
@@ -228,6 +232,46 @@ def attention_sparsity_from_weights(
     return _mean_concentration(total, rows[2], attentions[0].shape[1], len(attentions))
 
 
+def _entropy_concentration_sum(entropy: torch.Tensor, rows: tuple) -> torch.Tensor:
+    """(batch,) float64 sum of 1 - H(row) / log(n_visible) over one layer's heads and counted rows, from the
+    fused entropy (batch, heads, length): it is already over the visible keys, so nothing is renormalized."""
+    query_rows, _, counted, log_n = rows
+    entropy = entropy[:, :, query_rows].double()
+    return ((1.0 - entropy / log_n[:, None]) * counted[:, None]).sum((1, 2))
+
+
+def attention_sparsity_from_entropy(
+    entropies: Sequence[torch.Tensor], key_mask: torch.Tensor, query_mask: torch.Tensor
+) -> torch.Tensor:
+    """S per sequence from the fused attention entropy: `attention_sparsity_from_weights` without weights.
+
+    entropies: the chosen layers' per-query entropies, each (batch, heads, length) nats, as
+    `block_sparse_attention(..., causal=True, key_padding_mask=key_mask, return_entropy=True)` returns them.
+    key_mask, query_mask: as for `attention_sparsity_from_weights`. Returns (batch,) float64.
+    """
+    rows = _visible_keys(key_mask, query_mask)
+    total = torch.zeros(key_mask.shape[0], dtype=torch.float64, device=key_mask.device)
+    for entropy in entropies:
+        total += _entropy_concentration_sum(entropy, rows)
+    return _mean_concentration(total, rows[2], entropies[0].shape[1], len(entropies))
+
+
+def _chosen_entropies(recorder, chosen: Sequence[torch.nn.Module]) -> list[torch.Tensor]:
+    """The recorded entropies of the attention modules inside the chosen blocks, in block order."""
+    owner = {id(module): position for position, block in enumerate(chosen) for module in block.modules()}
+    found = sorted(
+        (owner[id(record.module)], record.entropy)
+        for record in recorder.records
+        if id(record.module) in owner
+    )
+    if len(found) != len(chosen):
+        raise ValueError(
+            f"model: expected one {FUSED_ATTENTION!r} attention call per chosen layer ({len(chosen)}), "
+            f"recorded {len(found)}"
+        )
+    return [entropy for _, entropy in found]
+
+
 def _noise_directions(
     input_ids: torch.Tensor, mask: torch.Tensor, hidden_size: int, seed: int, sample: int
 ) -> torch.Tensor:
@@ -332,6 +376,9 @@ def _no_weights_error(model) -> ValueError:
 def _clean_pass(model, inputs: dict, key_mask, query_mask, settings: dict, steps: int):
     """One eager forward: (logits at the last `steps` positions, S per row, the noise block's output).
 
+    On the "cdm_block_sparse" attention S comes from the fused per-query entropy the attention calls record
+    (no weights materialised) instead.
+
     S is accumulated layer by layer by hooks on the chosen layers' attention modules, so no layer's
     (batch, heads, length, length) weights outlive its own forward; models without a usable
     `_can_record_outputs` spec fall back to output_attentions=True (all layers kept, then reduced).
@@ -348,7 +395,8 @@ def _clean_pass(model, inputs: dict, key_mask, query_mask, settings: dict, steps
     with contextlib.ExitStack() as stack:
         stack.enter_context(_logits_of_last(model, steps))
         handles = [blocks[settings["noise_layer"]].register_forward_hook(keep_output)]
-        attention = _attention_modules(model, chosen)
+        fused = getattr(model.config, "_attn_implementation", None) == FUSED_ATTENTION
+        attention = None if fused else _attention_modules(model, chosen)
         if attention is not None:
             modules, index = attention
 
@@ -362,7 +410,16 @@ def _clean_pass(model, inputs: dict, key_mask, query_mask, settings: dict, steps
             handles += [module.register_forward_hook(reduce_weights) for module in modules]
         for handle in handles:
             stack.callback(handle.remove)
-        if attention is not None:
+        if fused:
+            from cdm_fast.patch import attention_entropy_recorder
+
+            recorder = stack.enter_context(attention_entropy_recorder())
+            logits = model(**inputs, use_cache=False).logits
+            entropies = _chosen_entropies(recorder, chosen)
+            for entropy in entropies:
+                total.add_(_entropy_concentration_sum(entropy, rows))
+            sparsity = _mean_concentration(total, rows[2], entropies[0].shape[1], len(entropies))
+        elif attention is not None:
             logits = model(**inputs, use_cache=False).logits
             sparsity = _mean_concentration(total, rows[2], captured["heads"], captured["layers"])
         else:
@@ -484,7 +541,9 @@ def score(
     chat_template: bool = False,
     progress: bool = True,
 ) -> list[CDMResult]:
-    """CDM of each prompt under `model` (a Hugging Face causal LM loaded with attn_implementation="eager").
+    """CDM of each prompt under `model`, a Hugging Face causal LM loaded with attn_implementation="eager"
+    (S from the attention weights) or "cdm_block_sparse" (S from the fused attention entropy; see
+    `cdm_fast.patch.register_hf_attention`).
 
     prompts: raw text, or user messages put through the tokenizer's chat template when chat_template=True.
     noise_layer: index of the block whose output gets the noise (default: the middle one, num_layers // 2).

@@ -270,6 +270,12 @@ BAD_INPUTS = {
     "gqa_heads": (_replace(1, torch.randn(1, 3, 20, 8)), {}, ValueError, "k"),
     "v_shape": (_replace(2, torch.randn(1, 1, 21, 8)), {}, ValueError, "v"),
     "q_dims": (_replace(0, torch.randn(2, 20, 8)), {}, ValueError, "q"),
+    "padding_device": (
+        _valid_args,
+        {"key_padding_mask": torch.ones(1, 20, dtype=torch.bool, device="meta")},
+        ValueError,
+        "key_padding_mask",
+    ),
     "padding_shape": (
         _valid_args,
         {"key_padding_mask": torch.ones(1, 19, dtype=torch.bool)},

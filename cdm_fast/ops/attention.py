@@ -133,6 +133,8 @@ def _validate(q, k, v, layout, block_size, scale, key_padding_mask) -> None:
         raise ValueError(f"layout: expected device {q.device} (q's), got {layout.device}")
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"scale: expected a Python float or None, got {type(scale).__name__}")
+    if key_padding_mask is not None and key_padding_mask.device != q.device:
+        raise ValueError(f"key_padding_mask: expected device {q.device} (q's), got {key_padding_mask.device}")
     if key_padding_mask is not None and (
         key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, seq_len_k)
     ):
@@ -167,7 +169,8 @@ def block_sparse_attention(
         scale: defaults to 1/sqrt(D).
         return_entropy: also return the softmax entropy per query, (B, Hq, Sq) float32 nats.
         key_padding_mask: optional bool (B, Sk), True = a real key; padded keys are never attended.
-        index: a prebuilt `BlockIndex` of this layout (reuse it across layers); built when None.
+        index: a prebuilt `BlockIndex` of this layout (reuse it across layers); built when None. Only its
+            sizes are checked against the call: an index of another layout of equal sizes goes unnoticed.
         backend: None/"auto", "torch" or "triton"; env CDM_FAST_BACKEND overrides auto.
 
     Returns:
