@@ -30,6 +30,18 @@ from cdm_fast import quant
 from cdm_fast.attention import BlockIndex, causal_layout, layout_from_key_padding, num_blocks
 from cdm_fast.ops.attention import BLOCK_SIZES, block_sparse_attention
 from cdm_fast.ops.lora import lora_linear
+from cdm_fast.wgrad import defer_wgrad
+
+__all__ = [
+    "AttentionEntropy",
+    "PatchReport",
+    "attention_entropy_recorder",
+    "defer_wgrad",
+    "is_patched",
+    "patch_peft",
+    "register_hf_attention",
+    "unpatch",
+]
 
 QUANTIZED_REASON = "quantized base other than bitsandbytes 4-bit"
 EIGHT_BIT_REASON = "8-bit base is not supported (4-bit only)"

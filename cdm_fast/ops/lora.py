@@ -25,7 +25,7 @@ import functools
 import torch
 
 from cdm_fast import device as devices
-from cdm_fast import quant
+from cdm_fast import quant, wgrad
 from cdm_fast.dispatch import Implementation, register, register_examples, requested_backend, select
 from cdm_fast.quant import Weight4bit
 
@@ -354,6 +354,12 @@ def _backward(ctx, grad_y, grad_u):
     x, weight, lora_A, lora_B, u, *weight_tables = ctx.saved_tensors
     needs_x = ctx.needs_input_grad[0]
     needs_A, needs_B = ctx.needs_input_grad[7:9]
+    # cdm_fast.wgrad: inside `deferred()`, d lora_A and d lora_B go to a pending task; dx is returned now.
+    deferral = wgrad.active()
+    adapters = (lora_A if needs_A else None, lora_B if needs_B else None)
+    if deferral is not None and deferral.wants(*adapters):
+        grad_x = _deferred_backward(deferral, ctx, adapters, grad_y, x, weight, weight_tables, u, needs_x)
+        return (grad_x, None, [None] * len(weight_tables), *[None] * 11)
     grad_x, grad_A, grad_B = _lora_backward_op(
         grad_y,
         x,
@@ -383,6 +389,40 @@ def _backward(ctx, grad_y, grad_u):
         None,
         None,
     )
+
+
+def _deferred_backward(deferral, ctx, adapters, grad_y, x, weight, weight_tables, u, needs_x):
+    """cdm_fast.wgrad's split: dx now; (d lora_A, d lora_B) submitted to `deferral` for `adapters`.
+
+    On the Triton kernels the weight-gradient GEMMs themselves are deferred (`kernels.lora.weight_grads`);
+    on the torch backend all three come from one call and only the accumulation is deferred.
+    """
+    lora_A, lora_B = ctx.saved_tensors[2:4]
+    scaling, dropout_p, dropout_seed = ctx.config
+    base = _unflatten_weight(x, weight, weight_tables, *ctx.weight_scalars)
+    impl = select(OP, ctx.backend, x, base, lora_A, lora_B, None)
+    split = impl.backend == "triton" or (
+        impl.backend == "cuda" and _triton_supports(x, base, lora_A, lora_B, None) is None
+    )
+    grad_y = grad_y.contiguous()
+    if not split:
+        grad_x, grad_A, grad_B = impl.backward(
+            grad_y, x, base, lora_A, lora_B, u, scaling, dropout_p, dropout_seed, needs_x
+        )
+        deferral.submit(adapters, (grad_A, grad_B), lambda grad_A, grad_B: (grad_A, grad_B))
+        return grad_x
+    from cdm_fast.kernels import lora as kernels
+
+    if needs_x:
+        grad_x, v = kernels.input_grad(grad_y, base, lora_A, lora_B, scaling, dropout_p, dropout_seed)
+    else:
+        grad_x, v = None, kernels.lora_down(grad_y, lora_B.to(grad_y.dtype).t())
+
+    def weight_grads(grad_y, x, u, v):
+        return kernels.weight_grads(grad_y, x, u, v, lora_A, lora_B, scaling, dropout_p, dropout_seed)
+
+    deferral.submit(adapters, (grad_y, x, u, v), weight_grads)
+    return grad_x
 
 
 _lora_op.register_autograd(_backward, setup_context=_setup_context)

@@ -22,6 +22,7 @@ import math
 import torch
 
 from cdm_fast import device as devices
+from cdm_fast import wgrad
 from cdm_fast.dispatch import Implementation, register, register_examples, requested_backend, select
 from cdm_fast.float8 import (
     FLOAT8_SCALINGS,
@@ -194,6 +195,7 @@ def _setup_context(ctx, inputs, output):
     ctx.config = (precision, fp8_scaling, backend)
     ctx.has_bias = bias is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.bias = bias  # cdm_fast.wgrad: the leaf a deferred d bias accumulates into
 
 
 def _backward(ctx, grad_y):
@@ -202,6 +204,18 @@ def _backward(ctx, grad_y):
     grad_x, grad_freqs, grad_weight, grad_bias = _projection_backward_op(
         grad_y, x, freqs, weight, needs_x, needs_freqs, *ctx.config
     )
+    # cdm_fast.wgrad: inside `deferred()`, the parameter gradients (computed above in one pass with dx)
+    # are accumulated by a pending task, after the layers below have their dx.
+    deferral = wgrad.active()
+    params = (
+        freqs if needs_freqs else None,
+        weight if needs_weight else None,
+        ctx.bias if needs_bias and ctx.has_bias else None,
+    )
+    if deferral is not None and deferral.wants(*params):
+        grads = (grad_freqs, grad_weight, grad_bias)
+        deferral.submit(params, grads, lambda *grads: grads)
+        return (grad_x if needs_x else None, *[None] * 6)
     return (
         grad_x if needs_x else None,
         grad_freqs if needs_freqs else None,
