@@ -18,6 +18,8 @@ from bench import common
 BENCHES = {
     "projection": "bench.projection",
     "lora": "bench.lora",
+    "wgrad": "bench.wgrad",
+    "attention": "bench.attention",
 }
 
 

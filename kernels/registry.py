@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import lora, projection
+from . import attention, lora, projection
 
 # Architectures checked, as (major, minor) compute capability.
 SM_90 = (9, 0)
@@ -36,6 +36,7 @@ HELPERS = frozenset(
         "_mx_scale_exponent",
         "_sin_cos_of_turns",
         "_dot",
+        "_visible",
     }
 )
 
@@ -452,6 +453,116 @@ def _lora_weight_grad_variants() -> tuple[Variant, ...]:
     return tuple(variants)
 
 
+# Attention: the head dims models use (each a constexpr, the tile width BLOCK_D) and the default block size.
+_ATTENTION_HEAD_DIMS = (64, 128, 256)
+_ATTENTION_BLOCK_SIZE = 128
+_ATTENTION_STRIDES = {
+    "forward": (
+        "stride_q_d",
+        "stride_k_d",
+        "stride_v_d",
+        "stride_kpm_s",
+        "stride_out_d",
+        "stride_lse_s",
+        "stride_entropy_s",
+        "stride_blocks_j",
+    ),
+    "dkdv": (
+        "stride_q_d",
+        "stride_k_d",
+        "stride_v_d",
+        "stride_grad_d",
+        "stride_kpm_s",
+        "stride_dk_d",
+        "stride_dv_d",
+        "stride_blocks_j",
+    ),
+    "dq": (
+        "stride_q_d",
+        "stride_k_d",
+        "stride_v_d",
+        "stride_grad_d",
+        "stride_kpm_s",
+        "stride_dq_d",
+        "stride_blocks_j",
+    ),
+}
+
+
+def _attention_variants(kernel, role: str) -> tuple[Variant, ...]:
+    """dtype × head dim (× entropy for forward), causal with a key-padding mask (the most masking); CI
+    compiles every config of bf16 D = 128 only (the others: the first config the pruner keeps)."""
+    variants = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        operand = _TRITON_DTYPES[dtype]
+        for head_dim in _ATTENTION_HEAD_DIMS:
+            for entropy in (True, False) if role == "forward" else (None,):
+                pointers = {
+                    name: operand
+                    for name in (
+                        "q_ptr",
+                        "k_ptr",
+                        "v_ptr",
+                        "grad_out_ptr",
+                        "out_ptr",
+                        "dq_ptr",
+                        "dk_ptr",
+                        "dv_ptr",
+                    )
+                }
+                pointers.update(
+                    kpm_ptr="*u8",
+                    lse_ptr="*fp32",
+                    delta_ptr="*fp32",
+                    kv_blocks_ptr="*i32",
+                    kv_counts_ptr="*i32",
+                    q_blocks_ptr="*i32",
+                    q_counts_ptr="*i32",
+                )
+                if role == "forward":
+                    pointers["entropy_ptr"] = "*fp32" if entropy else None
+                pointers = {name: kind for name, kind in pointers.items() if name in kernel.fn.arg_names}
+                suffix = "" if entropy is None else ("-entropy" if entropy else "-no-entropy")
+                variants.append(
+                    _variant(
+                        kernel,
+                        f"{dtype}-d{head_dim}{suffix}",
+                        pointers,
+                        {
+                            "CAUSAL": True,
+                            "BLOCK_SIZE": _ATTENTION_BLOCK_SIZE,
+                            "BLOCK_D": head_dim,
+                            "INPUT_PRECISION": _input_precision(dtype),
+                            "INTERPRET": False,
+                        },
+                        # the 16- and 32-row tiles (D = 256 on sm_120) do not fill a wgmma warpgroup
+                        _any_mma(dtype),
+                        unit_strides=_ATTENTION_STRIDES[role],
+                        floats=("scale",),
+                        forbidden=(_FORBIDDEN["fp32"],) if dtype == "fp32" else (),
+                        every_config=dtype == "bf16" and head_dim == 128 and entropy is not False,
+                    )
+                )
+    return tuple(variants)
+
+
+def _attention_delta_variants() -> tuple[Variant, ...]:
+    kernel = attention._attention_delta_kernel
+    return tuple(
+        _variant(
+            kernel,
+            f"{dtype}-d{head_dim}",
+            {"grad_out_ptr": _TRITON_DTYPES[dtype], "out_ptr": _TRITON_DTYPES[dtype], "delta_ptr": "*fp32"},
+            {"BLOCK_D": head_dim},
+            {arch: () for arch in ARCHS},  # a row sum: no MMA
+            unit_strides=("stride_grad_d", "stride_out_d"),
+            every_config=False,
+        )
+        for dtype in ("bf16", "fp16", "fp32")
+        for head_dim in _ATTENTION_HEAD_DIMS
+    )
+
+
 def kernels() -> tuple[KernelEntry, ...]:
     """The registry. Built on call: under TRITON_INTERPRET=1 the kernels hold the interpreter's one config."""
     return (
@@ -482,6 +593,26 @@ def kernels() -> tuple[KernelEntry, ...]:
         KernelEntry("lora._lora_down_kernel", lora._lora_down_kernel, _lora_down_variants()),
         KernelEntry(
             "lora._lora_weight_grad_kernel", lora._lora_weight_grad_kernel, _lora_weight_grad_variants()
+        ),
+        KernelEntry(
+            "attention._attention_forward_kernel",
+            attention._attention_forward_kernel,
+            _attention_variants(attention._attention_forward_kernel, "forward"),
+        ),
+        KernelEntry(
+            "attention._attention_delta_kernel",
+            attention._attention_delta_kernel,
+            _attention_delta_variants(),
+        ),
+        KernelEntry(
+            "attention._attention_dkdv_kernel",
+            attention._attention_dkdv_kernel,
+            _attention_variants(attention._attention_dkdv_kernel, "dkdv"),
+        ),
+        KernelEntry(
+            "attention._attention_dq_kernel",
+            attention._attention_dq_kernel,
+            _attention_variants(attention._attention_dq_kernel, "dq"),
         ),
     )
 
