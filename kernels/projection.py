@@ -739,19 +739,15 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.T
     return c
 
 
-def backward(
+def input_grad(
     grad_y: torch.Tensor,
     x: torch.Tensor,
     freqs: torch.Tensor,
     weight: torch.Tensor,
     needs_x_grad: bool,
-    needs_freqs_grad: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """Exact gradients of the unquantised projection, in x.dtype with fp32 accumulation.
-
-    grad_y (N, d_out). Returns (grad_x (N, d_in) | None, grad_freqs (d_in, m) | None, grad_weight (2m, d_out),
-    grad_bias (d_out,)), each in its parameter's dtype (grad_bias in weight's, as the op's fake says).
-    """
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(grad_x (N, d_in) | None, F/sqrt(m) (N, 2m), grad_P (N, m)): the input gradient and what the weight
+    gradients need, in x.dtype with fp32 accumulation. grad_y (N, d_out) contiguous."""
     rows, d_in = x.shape
     num_frequencies, d_out = freqs.shape[1], weight.shape[1]
     inverse_sqrt_m = 1.0 / math.sqrt(num_frequencies)
@@ -780,8 +776,42 @@ def backward(
         INPUT_PRECISION=_input_precision(x.dtype),
         INTERPRET=devices.triton_interpret(),
     )
+    grad_x = _matmul(grad_phase, freqs.t(), x.dtype) if needs_x_grad else None
+    return grad_x, features, grad_phase
+
+
+def weight_grads(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    freqs: torch.Tensor,
+    weight: torch.Tensor,
+    features: torch.Tensor,
+    grad_phase: torch.Tensor,
+    needs_freqs_grad: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(grad_freqs (d_in, m) | None, grad_weight (2m, d_out), grad_bias (d_out,)) from `input_grad`'s
+    features and grad_P: the weight-gradient GEMMs `cdm_fast.wgrad.deferred` may run later."""
     grad_weight = _matmul(features.t(), grad_y, weight.dtype)
     grad_bias = grad_y.sum(0, dtype=torch.float32).to(weight.dtype)
-    grad_x = _matmul(grad_phase, freqs.t(), x.dtype) if needs_x_grad else None
     grad_freqs = _matmul(x.t(), grad_phase, freqs.dtype) if needs_freqs_grad else None
+    return grad_freqs, grad_weight, grad_bias
+
+
+def backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    freqs: torch.Tensor,
+    weight: torch.Tensor,
+    needs_x_grad: bool,
+    needs_freqs_grad: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Exact gradients of the unquantised projection, in x.dtype with fp32 accumulation.
+
+    grad_y (N, d_out). Returns (grad_x (N, d_in) | None, grad_freqs (d_in, m) | None, grad_weight (2m, d_out),
+    grad_bias (d_out,)), each in its parameter's dtype (grad_bias in weight's, as the op's fake says).
+    """
+    grad_x, features, grad_phase = input_grad(grad_y, x, freqs, weight, needs_x_grad)
+    grad_freqs, grad_weight, grad_bias = weight_grads(
+        grad_y, x, freqs, weight, features, grad_phase, needs_freqs_grad
+    )
     return grad_x, grad_freqs, grad_weight, grad_bias

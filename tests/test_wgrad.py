@@ -8,6 +8,7 @@ import weakref
 
 import pytest
 import torch
+from conftest import requires_triton
 from torch import nn
 
 from cdm_fast import wgrad
@@ -290,6 +291,31 @@ def test_lora_triton_split_backward_matches_synchronous_path():
     x_ref = x.detach().clone().requires_grad_()
     with deferred():
         model(x).square().sum().backward()
+    reference(x_ref).square().sum().backward()
+    assert_grads_match(model, reference, bound=1e-5)
+    assert rel_error(x.grad, x_ref.grad) <= 1e-5
+
+
+@requires_triton
+def test_projector_triton_split_backward_defers_the_weight_gemms_and_matches_synchronous_path(monkeypatch):
+    from cdm_fast.kernels import projection as projection_kernels
+
+    torch.manual_seed(10)
+    reference = FourierProjector(13, 29, 7, sigma=0.3, learn_frequencies=True, backend="triton")
+    model = copy.deepcopy(reference)
+    x = torch.randn(17, 13, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    deferred_calls = []
+    weight_grads = projection_kernels.weight_grads
+
+    def recording_weight_grads(*args, **kwargs):
+        deferred_calls.append(wgrad.active())
+        return weight_grads(*args, **kwargs)
+
+    monkeypatch.setattr(projection_kernels, "weight_grads", recording_weight_grads)
+    with deferred() as wg:
+        model(x).square().sum().backward()
+    assert wg.tasks == 1 and len(deferred_calls) == 1
     reference(x_ref).square().sum().backward()
     assert_grads_match(model, reference, bound=1e-5)
     assert rel_error(x.grad, x_ref.grad) <= 1e-5

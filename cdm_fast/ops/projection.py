@@ -201,11 +201,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y):
     x, freqs, weight = ctx.saved_tensors
     needs_x, needs_freqs, needs_weight, needs_bias = ctx.needs_input_grad[:4]
-    grad_x, grad_freqs, grad_weight, grad_bias = _projection_backward_op(
-        grad_y, x, freqs, weight, needs_x, needs_freqs, *ctx.config
-    )
-    # cdm_fast.wgrad: inside `deferred()`, the parameter gradients (computed above in one pass with dx)
-    # are accumulated by a pending task, after the layers below have their dx.
+    # cdm_fast.wgrad: inside `deferred()`, dx now and the parameter gradients by a pending task.
     deferral = wgrad.active()
     params = (
         freqs if needs_freqs else None,
@@ -213,9 +209,10 @@ def _backward(ctx, grad_y):
         ctx.bias if needs_bias and ctx.has_bias else None,
     )
     if deferral is not None and deferral.wants(*params):
-        grads = (grad_freqs, grad_weight, grad_bias)
-        deferral.submit(params, grads, lambda *grads: grads)
-        return (grad_x if needs_x else None, *[None] * 6)
+        return (_deferred_backward(deferral, ctx, params, grad_y, x, freqs, weight, needs_x), *[None] * 6)
+    grad_x, grad_freqs, grad_weight, grad_bias = _projection_backward_op(
+        grad_y, x, freqs, weight, needs_x, needs_freqs, *ctx.config
+    )
     return (
         grad_x if needs_x else None,
         grad_freqs if needs_freqs else None,
@@ -225,6 +222,38 @@ def _backward(ctx, grad_y):
         None,
         None,
     )
+
+
+def _deferred_backward(deferral, ctx, params, grad_y, x, freqs, weight, needs_x):
+    """cdm_fast.wgrad's split: dx now; (d freqs, d weight, d bias) submitted to `deferral` for `params`.
+
+    On the Triton kernels the weight-gradient GEMMs themselves are deferred (`kernels.projection.weight_grads`
+    on the features and grad_P that `input_grad` leaves); on the torch backend the gradients come from one
+    call and only their accumulation is deferred.
+    """
+    precision, fp8_scaling, backend = ctx.config
+    impl = select(OP, backend, x, freqs, weight, None, precision, fp8_scaling)
+    grad_y = grad_y.contiguous()
+    needs_freqs = params[0] is not None
+    if impl.backend not in ("triton", "cuda"):
+        grad_x, grad_freqs, grad_weight, grad_bias = impl.backward(
+            grad_y, x, freqs, weight, needs_x, needs_freqs
+        )
+        bias_grad = grad_bias.to(ctx.bias_dtype) if params[2] is not None else None
+        deferral.submit(params, (grad_freqs, grad_weight, bias_grad), lambda *grads: grads)
+        return grad_x
+    from cdm_fast.kernels import projection as kernels
+
+    grad_x, features, grad_phase = kernels.input_grad(grad_y, x, freqs, weight, needs_x)
+
+    def weight_grads(grad_y, x, freqs, weight, features, grad_phase):
+        grad_freqs, grad_weight, grad_bias = kernels.weight_grads(
+            grad_y, x, freqs, weight, features, grad_phase, needs_freqs
+        )
+        return grad_freqs, grad_weight, grad_bias.to(ctx.bias_dtype) if params[2] is not None else None
+
+    deferral.submit(params, (grad_y, x, freqs, weight, features, grad_phase), weight_grads)
+    return grad_x if needs_x else None
 
 
 _projection_op.register_autograd(_backward, setup_context=_setup_context)
