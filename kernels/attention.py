@@ -56,9 +56,9 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _prune(stage_bytes):
+def _prune(stage_bytes, resident_bytes):
     """Tiles no larger than the index block (a tile never straddles two kept blocks), then shared memory."""
-    by_shared_memory = prune_by_shared_memory(stage_bytes)
+    by_shared_memory = prune_by_shared_memory(stage_bytes, resident_bytes)
 
     def prune(configs, named_args, **kwargs):
         block_size = {**named_args, **kwargs}["BLOCK_SIZE"]
@@ -76,25 +76,41 @@ def _element_size(args) -> int:
     return args["q_ptr"].element_size()
 
 
+# Shared memory, as the compiled kernels use it (checked by bench.aot against every config): the streamed
+# tiles once per pipeline copy, the program's resident tiles and MMA-operand staging (p, ds) once.
+
+
 def _forward_stage_bytes(meta, args):
-    """K and V tiles per stage; the q tile and the p tile (an MMA operand) counted with every copy (an
-    overestimate that keeps the pruner on the safe side)."""
-    size, d = _element_size(args), args["BLOCK_D"]
-    return size * (2 * meta["BLOCK_N"] * d + meta["BLOCK_M"] * d + meta["BLOCK_M"] * meta["BLOCK_N"])
+    """The streamed K and V tiles."""
+    return _element_size(args) * 2 * meta["BLOCK_N"] * args["BLOCK_D"]
+
+
+def _forward_resident_bytes(meta, args):
+    """The q tile and the p tile fed to the second MMA."""
+    m, n = meta["BLOCK_M"], meta["BLOCK_N"]
+    return _element_size(args) * (m * args["BLOCK_D"] + m * n)
 
 
 def _dkdv_stage_bytes(meta, args):
-    """q and dO tiles per stage; the resident k, v tiles and the p, ds operands counted with every copy."""
-    size, d = _element_size(args), args["BLOCK_D"]
+    """The streamed q and dO tiles."""
+    return _element_size(args) * 2 * meta["BLOCK_M"] * args["BLOCK_D"]
+
+
+def _dkdv_resident_bytes(meta, args):
+    """The program's k and v tiles and the p and ds operand tiles."""
     m, n = meta["BLOCK_M"], meta["BLOCK_N"]
-    return size * (2 * m * d + 2 * n * d + 2 * m * n)
+    return _element_size(args) * (2 * n * args["BLOCK_D"] + 2 * m * n)
 
 
 def _dq_stage_bytes(meta, args):
-    """K and V tiles per stage; the resident q, dO tiles and the ds operand tile counted with each copy."""
-    size, d = _element_size(args), args["BLOCK_D"]
+    """The streamed K and V tiles."""
+    return _element_size(args) * 2 * meta["BLOCK_N"] * args["BLOCK_D"]
+
+
+def _dq_resident_bytes(meta, args):
+    """The program's q and dO tiles and the ds operand tile."""
     m, n = meta["BLOCK_M"], meta["BLOCK_N"]
-    return size * (2 * n * d + 2 * m * d + m * n)
+    return _element_size(args) * (2 * m * args["BLOCK_D"] + m * n)
 
 
 def _configs(tiles) -> list[triton.Config]:
@@ -126,7 +142,7 @@ def _visible(rows, cols, kpm_ptr, kpm_offset, stride_kpm_s, seq_len_q, seq_len_k
 @triton.autotune(
     configs=_configs(_FORWARD_TILES),
     key=["seq_len_q", "seq_len_k", "BLOCK_D", "BLOCK_SIZE", "CAUSAL"],
-    prune_configs_by={"early_config_prune": _prune(_forward_stage_bytes)},
+    prune_configs_by={"early_config_prune": _prune(_forward_stage_bytes, _forward_resident_bytes)},
 )
 @triton.jit
 def _attention_forward_kernel(
@@ -406,7 +422,7 @@ def _attention_delta_kernel(
 @triton.autotune(
     configs=_configs(_BACKWARD_TILES),
     key=["seq_len_q", "seq_len_k", "BLOCK_D", "BLOCK_SIZE", "CAUSAL"],
-    prune_configs_by={"early_config_prune": _prune(_dkdv_stage_bytes)},
+    prune_configs_by={"early_config_prune": _prune(_dkdv_stage_bytes, _dkdv_resident_bytes)},
 )
 @triton.jit
 def _attention_dkdv_kernel(
@@ -565,7 +581,7 @@ def _attention_dkdv_kernel(
 @triton.autotune(
     configs=_configs(_BACKWARD_TILES),
     key=["seq_len_q", "seq_len_k", "BLOCK_D", "BLOCK_SIZE", "CAUSAL"],
-    prune_configs_by={"early_config_prune": _prune(_dq_stage_bytes)},
+    prune_configs_by={"early_config_prune": _prune(_dq_stage_bytes, _dq_resident_bytes)},
 )
 @triton.jit
 def _attention_dq_kernel(

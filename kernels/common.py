@@ -178,11 +178,14 @@ def _pipelined_copies(num_stages: int, capability: tuple[int, int] | None) -> in
 
 def prune_by_shared_memory(
     stage_bytes: Callable[[dict[str, Any], dict[str, Any]], int],
+    resident_bytes: Callable[[dict[str, Any], dict[str, Any]], int] | None = None,
 ) -> Callable[..., list[triton.Config]]:
     """An `early_config_prune` keeping the configs whose pipelined tiles fit the device's shared memory.
 
     `stage_bytes(meta, args)` is the shared memory of one pipeline stage of a config (meta: the config's
-    constexprs; args: the kernel's arguments by name). When nothing fits, the smallest config is kept.
+    constexprs; args: the kernel's arguments by name); `resident_bytes(meta, args)`, if given, what the
+    kernel keeps once whatever the depth (an attention program's q tile). When nothing fits, the smallest
+    config is kept.
     """
 
     def prune(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
@@ -192,7 +195,10 @@ def prune_by_shared_memory(
         capability = devices.capability(device)
 
         def shared_bytes(config: triton.Config) -> int:
-            return _pipelined_copies(config.num_stages, capability) * stage_bytes(config.kwargs, args)
+            resident = resident_bytes(config.kwargs, args) if resident_bytes else 0
+            return resident + _pipelined_copies(config.num_stages, capability) * stage_bytes(
+                config.kwargs, args
+            )
 
         fitting = [c for c in configs if shared_bytes(c) <= limit]
         return fitting or [min(configs, key=shared_bytes)]
