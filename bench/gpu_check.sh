@@ -8,8 +8,8 @@
 # tests      pytest -m gpu                                                         -> OUTDIR/tests.log
 # sanitizer  compute-sanitizer memcheck + racecheck over one small call of the
 #            "cuda" backend, then of the "triton" one (skipped when unavailable)  -> OUTDIR/sanitizer.log
-# bench      python -m bench.all --check-targets; JSON lines in OUTDIR, and
-#            appended to bench/results/                                          -> OUTDIR/bench.log
+# bench      python -m bench.all --check-targets (GPU_CHECK_BENCHES=lora,attention picks a subset);
+#            JSON lines in OUTDIR, and appended to bench/results/                -> OUTDIR/bench.log
 #
 # A failing step does not stop the next; each step's exit status and seconds go to OUTDIR/summary.txt.
 # Every step runs under `timeout`, and all of them within GPU_CHECK_BUDGET_S seconds (default 1500 = 25 min);
@@ -175,7 +175,8 @@ EOF
 }
 
 step_bench() {
-    run_step bench 480 "$OUT_DIR/bench.log" "$PYTHON" -m bench.all --out-dir "$OUT_DIR" --check-targets
+    run_step bench 480 "$OUT_DIR/bench.log" "$PYTHON" -m bench.all --out-dir "$OUT_DIR" --check-targets \
+        ${GPU_CHECK_BENCHES:+--only "$GPU_CHECK_BENCHES"}
     local results
     results=$(cd bench/results 2>/dev/null && pwd)
     if [[ $results != "$OUT_DIR" ]]; then
