@@ -54,6 +54,101 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lora_distill(args: argparse.Namespace) -> int:
+    from cdm_fast.distill.lora import LoraDistillConfig, run
+
+    run(
+        LoraDistillConfig(
+            model=args.model,
+            out=args.out,
+            num_prompts=args.num_prompts,
+            num_eval_prompts=args.num_eval_prompts,
+            max_new_tokens=args.max_new_tokens,
+            threshold=args.threshold,
+            top_fraction=args.top_fraction,
+            min_examples=args.min_examples,
+            rank=args.rank,
+            alpha=args.alpha,
+            dropout=args.dropout,
+            target_modules=tuple(args.target_modules.split(",")),
+            max_steps=args.max_steps,
+            batch_size=args.batch_size,
+            grad_accum=args.grad_accum,
+            lr=args.lr,
+            warmup_steps=args.warmup_steps,
+            seed=args.seed,
+            control=args.control,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    )
+    return 0
+
+
+def _cache_latents(args: argparse.Namespace) -> int:
+    from cdm_fast.distill.latents import CacheLatentsConfig, run
+
+    out = run(
+        CacheLatentsConfig(
+            teacher=args.teacher,
+            out=args.out,
+            data=args.data,
+            layers=tuple(int(x) for x in args.layers.split(",")) if args.layers else None,
+            dtype=args.dtype,
+            max_length=args.max_length,
+            batch_size=args.batch_size,
+            shard_sequences=args.shard_sequences,
+            default_problems_per_task=args.problems_per_task,
+            default_max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
+    )
+    print(out)
+    return 0
+
+
+def _latent_distill(args: argparse.Namespace) -> int:
+    from cdm_fast.distill.latent import LatentDistillConfig, run
+
+    report = run(
+        LatentDistillConfig(
+            out=args.out,
+            teacher=args.teacher,
+            cache=args.cache,
+            data=args.data,
+            cache_layers=tuple(int(x) for x in args.cache_layers.split(",")) if args.cache_layers else None,
+            cache_dtype=args.cache_dtype,
+            student=args.student,
+            student_init=args.student_init,
+            layer_map=args.layer_map,
+            projection=args.projection,
+            num_frequencies=args.num_frequencies,
+            sigma=args.sigma,
+            sigma_scale=args.sigma_scale,
+            projection_precision=args.projection_precision,
+            ce_weight=args.ce_weight,
+            mse_weight=args.mse_weight,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            max_steps=args.max_steps,
+            heldout_sequences=args.heldout_sequences,
+            checkpoint_every=args.checkpoint_every,
+            eval_problems_per_task=args.eval_problems_per_task,
+            eval_max_new_tokens=args.eval_max_new_tokens,
+            eval_num_shots=args.eval_num_shots,
+            seed=args.seed,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    )
+    print(f"{args.out}/report.md  held-out perplexity {report['heldout_perplexity']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdm-fast", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log dispatch decisions (INFO)")
@@ -85,6 +180,99 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(run=_demo)
+
+    distill = commands.add_parser(
+        "lora-distill", help="train a LoRA on the model's high-CDM completions, report before → after"
+    )
+    distill.add_argument("--model", default="smollm2-135m", help="embedded name, local HF folder or hub id")
+    distill.add_argument("--out", default="runs/lora-distill", help="run directory")
+    distill.add_argument(
+        "--num-prompts",
+        type=int,
+        default=16,
+        help="train-split logic prompts to collect (CPU default; 256 full)",
+    )
+    distill.add_argument("--num-eval-prompts", type=int, default=8, help="held-out eval-split prompts")
+    distill.add_argument("--max-new-tokens", type=int, default=32)
+    distill.add_argument("--threshold", type=float, default=80.0, help="keep completions with CDM >= this")
+    distill.add_argument("--top-fraction", type=float, help="keep the top q by CDM instead of --threshold")
+    distill.add_argument("--min-examples", type=int, default=8, help="warn when fewer are kept")
+    distill.add_argument("--rank", type=int, default=32)
+    distill.add_argument("--alpha", type=float, default=64.0)
+    distill.add_argument("--dropout", type=float, default=0.0)
+    distill.add_argument(
+        "--target-modules",
+        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        help="comma list",
+    )
+    distill.add_argument("--max-steps", type=int, default=100)
+    distill.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch")
+    distill.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    distill.add_argument("--lr", type=float, default=2e-4)
+    distill.add_argument("--warmup-steps", type=int, default=0, help="0: 10%% of --max-steps")
+    distill.add_argument("--seed", type=int, default=0)
+    distill.add_argument(
+        "--control", action=argparse.BooleanOptionalAction, default=True, help="train the random-data control"
+    )
+    distill.add_argument("--checkpoint-every", type=int, default=50)
+    distill.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    distill.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    distill.add_argument("--no-progress", action="store_true")
+    distill.set_defaults(run=_lora_distill)
+
+    cache_latents = commands.add_parser(
+        "cache-latents", help="run the teacher once, store chosen layers' hidden states (fp8 + row scales)"
+    )
+    cache_latents.add_argument("--teacher", default="smollm2-135m", help="embedded name, HF folder, hub id")
+    cache_latents.add_argument("--data", help="JSONL with 'text' (default: logic suite)")
+    cache_latents.add_argument("--layers", help="hidden_states indices, e.g. 5,10,15")
+    cache_latents.add_argument("--dtype", choices=("fp8", "bf16"), default="fp8")
+    cache_latents.add_argument("--out", default="runs/latent-cache")
+    cache_latents.add_argument("--max-length", type=int, default=320)
+    cache_latents.add_argument("--batch-size", type=int, default=4)
+    cache_latents.add_argument("--shard-sequences", type=int, default=64)
+    cache_latents.add_argument("--problems-per-task", type=int, default=2, help="default data size per task")
+    cache_latents.add_argument("--max-new-tokens", type=int, default=24, help="teacher solution length")
+    cache_latents.add_argument("--seed", type=int, default=0)
+    cache_latents.add_argument("--no-progress", action="store_true")
+    cache_latents.set_defaults(run=_cache_latents)
+
+    latent_distill = commands.add_parser(
+        "latent-distill", help="train a student on MSE to projected teacher latents (+ CE)"
+    )
+    latent_distill.add_argument("--out", default="runs/latent-distill")
+    latent_distill.add_argument("--teacher", default="smollm2-135m")
+    latent_distill.add_argument("--cache", help="latent cache (default: <out>/cache)")
+    latent_distill.add_argument("--data", help="JSONL with 'text' for a cache built here")
+    latent_distill.add_argument("--cache-layers", help="teacher layers for a cache built here, e.g. 5,10,15")
+    latent_distill.add_argument("--cache-dtype", choices=("fp8", "bf16"), default="fp8")
+    latent_distill.add_argument("--student", help="student config folder (default: Llama 192x6)")
+    latent_distill.add_argument(
+        "--student-init", choices=("projection", "truncation", "random"), default="projection"
+    )
+    latent_distill.add_argument("--layer-map", help="teacher:student pairs, e.g. 10:2,20:4")
+    latent_distill.add_argument("--projection", choices=("fourier", "linear", "none"), default="fourier")
+    latent_distill.add_argument("--num-frequencies", type=int, default=256)
+    latent_distill.add_argument("--sigma", type=float, help="default: sigma-scale / median norm")
+    latent_distill.add_argument("--sigma-scale", type=float, default=1.0)
+    latent_distill.add_argument(
+        "--projection-precision", choices=("bf16", "fp8", "fp8-features"), default="bf16"
+    )
+    latent_distill.add_argument("--ce-weight", type=float, default=1.0)
+    latent_distill.add_argument("--mse-weight", type=float, default=1.0)
+    latent_distill.add_argument("--lr", type=float, default=1e-3)
+    latent_distill.add_argument("--batch-size", type=int, default=4)
+    latent_distill.add_argument("--max-steps", type=int, default=100)
+    latent_distill.add_argument("--heldout-sequences", type=int, default=4)
+    latent_distill.add_argument("--checkpoint-every", type=int, default=50)
+    latent_distill.add_argument("--eval-problems-per-task", type=int, default=1)
+    latent_distill.add_argument("--eval-max-new-tokens", type=int, default=24)
+    latent_distill.add_argument("--eval-num-shots", type=int, default=0)
+    latent_distill.add_argument("--seed", type=int, default=0)
+    latent_distill.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    latent_distill.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    latent_distill.add_argument("--no-progress", action="store_true")
+    latent_distill.set_defaults(run=_latent_distill)
     return parser
 
 

