@@ -21,7 +21,15 @@ TEXTS = [
 @pytest.fixture(autouse=True)
 def _model_cache(monkeypatch, embedded_model_cache):
     monkeypatch.setenv("CDM_FAST_CACHE", str(embedded_model_cache))
-    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _torch_backend():
+    """The loop's mechanics are under test here, not the kernels (they have their own tests): the ops run on
+    the torch backend even under TRITON_INTERPRET=1, where the interpreter would take minutes per step."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CDM_FAST_BACKEND", "torch")
+        yield
 
 
 def _tokenizer():

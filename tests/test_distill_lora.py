@@ -17,6 +17,15 @@ from cdm_fast.distill import lora
 from cdm_fast.distill.lora import LoraDistillConfig
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _torch_backend():
+    """The loop's mechanics are under test here, not the kernels (they have their own tests): the ops run on
+    the torch backend even under TRITON_INTERPRET=1, where the interpreter would take minutes per step."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CDM_FAST_BACKEND", "torch")
+        yield
+
+
 class CharTokenizer:
     """Char-level tokenizer over a 128-token vocabulary: 0 is padding, 1 is eos, text maps to 2..127."""
 
