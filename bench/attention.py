@@ -437,21 +437,6 @@ def timed_call(attend: Attend, mode: str, sets: list[tuple]) -> tuple[Callable, 
     return forward_backward, leaves
 
 
-def peak_memory(fn: Callable, args: tuple, device: torch.device) -> int | None:
-    """Bytes allocated at the peak of one call beyond what was allocated before it; None off CUDA."""
-    if device.type != "cuda":
-        return None
-    gc.collect()
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    result = fn(*args)
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - before
-    del result
-    return peak
-
-
 class Reference:
     """float32 out and entropy of the last `rows` query rows of the first KV head's query heads."""
 
@@ -535,7 +520,7 @@ def run_case(case: Case, args, env: dict, ceilings) -> tuple[list[dict], bool]:
                     row["peak_fraction"] = row["tflops"] / ceilings["bf16_gemm_tflops"]
                 if attend.compiled:
                     row["compile_s"] = max(0.0, row["first_call_s"] - timing.ms / 1e3)
-                row["peak_memory_bytes"] = peak_memory(fn, fn_sets[0], device)
+                row["peak_memory_bytes"] = common.peak_memory(fn, fn_sets[0], device)
                 del fn, fn_sets, attend
             except (Skip, BackendUnavailable) as reason:
                 row["note"] = f"skipped: {reason}"

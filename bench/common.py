@@ -10,6 +10,7 @@ time of a few calls: correct, but never a performance claim. Results are JSON li
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import math
 import statistics
@@ -35,6 +36,21 @@ def default_device() -> torch.device:
 
 def default_results_path(name: str) -> Path:
     return RESULTS_DIR / f"{name}.jsonl"
+
+
+def peak_memory(fn: Callable, args: tuple, device: torch.device) -> int | None:
+    """Bytes allocated at the peak of one call beyond what was allocated before it; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    result = fn(*args)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del result
+    return peak
 
 
 # ---------------------------------------------------------------- environment

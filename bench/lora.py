@@ -583,21 +583,6 @@ def timed_call(layer: Layer, mode: str, sets: list[tuple]) -> tuple[Callable, li
     return backward, [(layer.forward(x), x, grad_y) for x, grad_y in leaves]
 
 
-def peak_memory(fn: Callable, args: tuple, device: torch.device) -> int | None:
-    """Bytes allocated at the peak of one call beyond what was allocated before it; None off CUDA."""
-    if device.type != "cuda":
-        return None
-    gc.collect()
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    result = fn(*args)
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - before
-    del result
-    return peak
-
-
 class Reference:
     """float64 forward output on a row subset of the first input set (rows are independent)."""
 
@@ -662,7 +647,7 @@ def run_case(case: Case, suite: Suite, args, env: dict, ceilings) -> tuple[list[
             timing = common.time_fn(fn, fn_sets, device, repeats=args.repeats)
             row.update(ms=timing.ms, min_ms=timing.min_ms, repeats=timing.repeats, timing=timing.method)
             _set_rates(row, ceilings)
-            row["peak_memory_bytes"] = peak_memory(fn, fn_sets[0], device)
+            row["peak_memory_bytes"] = common.peak_memory(fn, fn_sets[0], device)
             del fn, fn_sets, layer
         except (Skip, BackendUnavailable) as reason:
             row["note"] = f"skipped: {reason}"
