@@ -17,11 +17,12 @@ from cdm_fast.logic.suite import (
     split_of,
     to_jsonl,
 )
-from cdm_fast.logic.tasks import DEFAULT_TASKS, DIFFICULTIES, TASKS
+from cdm_fast.logic.tasks import DEFAULT_TASKS, DIFFICULTIES, OUTSIDE_MIX_TASKS, TASKS
 
 __all__ = [
     "DEFAULT_TASKS",
     "DIFFICULTIES",
+    "OUTSIDE_MIX_TASKS",
     "PROMPT_FORMATS",
     "SPLITS",
     "TASKS",

@@ -88,6 +88,13 @@ def extract_roles(line: str, metadata: Mapping[str, Any]) -> str:
     return ", and ".join(found) + "."
 
 
+def extract_backward_word(line: str, metadata: Mapping[str, Any]) -> str:
+    """The last word on the line (``"sun -> nus"`` → ``"nus"``, ``"It is: Nus."`` → ``"Nus"``; the task's
+    own check ignores case)."""
+    words = re.findall(r"[A-Za-z]+", line)
+    return words[-1] if words else line
+
+
 Extractor = Callable[[str, Mapping[str, Any]], str]
 
 
@@ -192,10 +199,48 @@ TASKS: dict[str, Task] = {
             },
             extract_sorted_list,
         ),
+        # Outside the training mix: the "shallow skills" a distilled adapter must not lose.
+        Task(
+            "letter_counting",
+            {
+                1: dict(min_words=3, max_words=5),
+                2: dict(min_words=5, max_words=10),
+                3: dict(min_words=10, max_words=15),
+            },
+            extract_number,
+        ),
+        Task(
+            "spell_backward",
+            {
+                1: dict(min_word_len=3, max_word_len=5),
+                2: dict(min_word_len=5, max_word_len=7),
+                3: dict(min_word_len=7, max_word_len=10),
+            },
+            extract_backward_word,
+        ),
+        Task(
+            "gcd",
+            {
+                1: dict(min_value=1, max_value=30),
+                2: dict(min_value=1, max_value=200),
+                3: dict(min_value=1, max_value=1000),
+            },
+            extract_number,
+        ),
     )
 }
 
-DEFAULT_TASKS = tuple(TASKS)
+# The logic mix the loops train and evaluate on; the rest of TASKS is held outside it.
+DEFAULT_TASKS = (
+    "chain_sum",
+    "basic_arithmetic",
+    "syllogism",
+    "knights_knaves",
+    "family_relationships",
+    "simple_equations",
+    "number_sorting",
+)
+OUTSIDE_MIX_TASKS = tuple(name for name in TASKS if name not in DEFAULT_TASKS)
 
 
 def validate_tasks(tasks: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -205,7 +250,7 @@ def validate_tasks(tasks: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
         raise ValueError(f"tasks: expected at least one of {DEFAULT_TASKS}, got none")
     for name in names:
         if name not in TASKS:
-            raise ValueError(f"tasks: expected names from {DEFAULT_TASKS}, got {name!r}")
+            raise ValueError(f"tasks: expected names from {tuple(TASKS)}, got {name!r}")
     return names
 
 
