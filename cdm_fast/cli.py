@@ -88,64 +88,83 @@ def _lora_distill(args: argparse.Namespace) -> int:
 
 
 def _cache_latents(args: argparse.Namespace) -> int:
+    from cdm_fast.distill import distributed
     from cdm_fast.distill.latents import CacheLatentsConfig, run
 
-    out = run(
-        CacheLatentsConfig(
-            teacher=args.teacher,
-            out=args.out,
-            data=args.data,
-            layers=tuple(int(x) for x in args.layers.split(",")) if args.layers else None,
-            dtype=args.dtype,
-            max_length=args.max_length,
-            batch_size=args.batch_size,
-            shard_sequences=args.shard_sequences,
-            default_problems_per_task=args.problems_per_task,
-            default_max_new_tokens=args.max_new_tokens,
-            seed=args.seed,
-            progress=not args.no_progress,
+    try:
+        out = run(
+            CacheLatentsConfig(
+                teacher=args.teacher,
+                out=args.out,
+                data=args.data,
+                layers=tuple(int(x) for x in args.layers.split(",")) if args.layers else None,
+                dtype=args.dtype,
+                max_length=args.max_length,
+                batch_size=args.batch_size,
+                shard_sequences=args.shard_sequences,
+                default_problems_per_task=args.problems_per_task,
+                default_max_new_tokens=args.max_new_tokens,
+                default_freetext=args.freetext,
+                default_freetext_max_new_tokens=args.freetext_max_new_tokens,
+                device_map=args.device_map,
+                seed=args.seed,
+                progress=not args.no_progress,
+            )
         )
-    )
+    finally:
+        distributed.shutdown()
     print(out)
     return 0
 
 
 def _latent_distill(args: argparse.Namespace) -> int:
+    from cdm_fast.distill import distributed
     from cdm_fast.distill.latent import LatentDistillConfig, run
 
-    report = run(
-        LatentDistillConfig(
-            out=args.out,
-            teacher=args.teacher,
-            cache=args.cache,
-            data=args.data,
-            cache_layers=tuple(int(x) for x in args.cache_layers.split(",")) if args.cache_layers else None,
-            cache_dtype=args.cache_dtype,
-            student=args.student,
-            student_init=args.student_init,
-            layer_map=args.layer_map,
-            projection=args.projection,
-            num_frequencies=args.num_frequencies,
-            sigma=args.sigma,
-            sigma_scale=args.sigma_scale,
-            projection_precision=args.projection_precision,
-            ce_weight=args.ce_weight,
-            mse_weight=args.mse_weight,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            max_steps=args.max_steps,
-            heldout_sequences=args.heldout_sequences,
-            checkpoint_every=args.checkpoint_every,
-            eval_problems_per_task=args.eval_problems_per_task,
-            eval_max_new_tokens=args.eval_max_new_tokens,
-            eval_num_shots=args.eval_num_shots,
-            seed=args.seed,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
+    try:
+        report = run(
+            LatentDistillConfig(
+                out=args.out,
+                teacher=args.teacher,
+                cache=args.cache,
+                data=args.data,
+                cache_layers=tuple(int(x) for x in args.cache_layers.split(","))
+                if args.cache_layers
+                else None,
+                cache_dtype=args.cache_dtype,
+                student=args.student,
+                student_init=args.student_init,
+                student_lora_rank=args.student_lora_rank,
+                student_lora_alpha=args.student_lora_alpha,
+                layer_map=args.layer_map,
+                projection=args.projection,
+                num_frequencies=args.num_frequencies,
+                sigma=args.sigma,
+                sigma_scale=args.sigma_scale,
+                projection_precision=args.projection_precision,
+                ce_weight=args.ce_weight,
+                mse_weight=args.mse_weight,
+                lr=args.lr,
+                batch_size=args.batch_size,
+                max_steps=args.max_steps,
+                heldout_sequences=args.heldout_sequences,
+                checkpoint_every=args.checkpoint_every,
+                eval_problems_per_task=args.eval_problems_per_task,
+                eval_max_new_tokens=args.eval_max_new_tokens,
+                eval_num_shots=args.eval_num_shots,
+                eval_freetext_passages=args.eval_freetext_passages,
+                seed=args.seed,
+                resume=args.resume,
+                overwrite=args.overwrite,
+                progress=not args.no_progress,
+            )
         )
+    finally:
+        distributed.shutdown()
+    print(
+        f"{args.out}/report.md  held-out perplexity: cache {report['heldout_perplexity']}, "
+        f"free text {report['freetext_perplexity']}"
     )
-    print(f"{args.out}/report.md  held-out perplexity {report['heldout_perplexity']}")
     return 0
 
 
@@ -233,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     cache_latents.add_argument("--shard-sequences", type=int, default=64)
     cache_latents.add_argument("--problems-per-task", type=int, default=2, help="default data size per task")
     cache_latents.add_argument("--max-new-tokens", type=int, default=24, help="teacher solution length")
+    cache_latents.add_argument(
+        "--freetext", type=int, default=8, help="free-text prompts the teacher continues (default data)"
+    )
+    cache_latents.add_argument("--freetext-max-new-tokens", type=int, default=48)
+    cache_latents.add_argument("--device-map", help="passed to from_pretrained, e.g. auto (one process)")
     cache_latents.add_argument("--seed", type=int, default=0)
     cache_latents.add_argument("--no-progress", action="store_true")
     cache_latents.set_defaults(run=_cache_latents)
@@ -250,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     latent_distill.add_argument(
         "--student-init", choices=("projection", "truncation", "random"), default="projection"
     )
+    latent_distill.add_argument(
+        "--student-lora-rank", type=int, default=0, help="0: full fine-tune; R: peft LoRA of rank R"
+    )
+    latent_distill.add_argument("--student-lora-alpha", type=float, help="default: 2 * rank")
     latent_distill.add_argument("--layer-map", help="teacher:student pairs, e.g. 10:2,20:4")
     latent_distill.add_argument("--projection", choices=("fourier", "linear", "none"), default="fourier")
     latent_distill.add_argument("--num-frequencies", type=int, default=256)
@@ -268,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     latent_distill.add_argument("--eval-problems-per-task", type=int, default=1)
     latent_distill.add_argument("--eval-max-new-tokens", type=int, default=24)
     latent_distill.add_argument("--eval-num-shots", type=int, default=0)
+    latent_distill.add_argument(
+        "--eval-freetext-passages", type=int, help="held-out free-text passages (default: all)"
+    )
     latent_distill.add_argument("--seed", type=int, default=0)
     latent_distill.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     latent_distill.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")

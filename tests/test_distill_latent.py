@@ -213,6 +213,7 @@ def _distill_config(tiny, out, **kwargs):
         max_steps=4,
         heldout_sequences=2,
         eval_problems_per_task=0,
+        eval_freetext_passages=2,
         bootstrap_samples=50,
         progress=False,
     )
@@ -283,11 +284,15 @@ def test_report_schema_overwrite_guard_and_control(tiny, tmp_path):
         "tokens_per_s_median",
         "heldout_perplexity",
         "heldout_nll_ci95",
+        "freetext_perplexity",
+        "freetext_nll_ci95",
         "logic",
         "peak_memory",
         "config",
     } <= set(saved)
     assert saved["steps"] == 4 and saved["heldout_perplexity"] > 1
+    assert saved["freetext_perplexity"] > 1 and saved["freetext_passages"] == 2
+    assert "free-text perplexity" in (out / "report.md").read_text()
     assert saved["logic"]["n"] >= 1 and 0 <= saved["logic"]["overall"] <= 1
     sigmas = saved["sigmas"]
     assert all(v["sigma"] == pytest.approx(1.0 / v["median_norm"]) for v in sigmas.values())
@@ -317,3 +322,77 @@ def test_tokenizer_name_alone_is_not_a_mismatch(tiny, tmp_path):
     out = _cache(tiny, tmp_path / "c")
     fingerprint = dict(latents.read_manifest(out)["tokenizer"], name="/elsewhere/same-tokenizer")
     latents.LatentReader(out, expect={"tokenizer": fingerprint})
+
+
+def test_default_data_mixes_logic_solutions_and_freetext_continuations(tiny, tmp_path):
+    from cdm_fast import freetext
+    from cdm_fast.logic import suite
+
+    out = _cache(
+        tiny,
+        tmp_path / "c",
+        data=None,
+        default_problems_per_task=1,
+        default_max_new_tokens=2,
+        default_freetext=3,
+        default_freetext_max_new_tokens=5,
+        max_length=64,
+        shard_sequences=16,
+    )
+    texts = latents.read_texts(out / "data.jsonl")
+    prompts = freetext.prompts("train", 3)
+    free = [t for t in texts if any(t.startswith(p) for p in prompts)]
+    assert len(texts) == len(suite.DEFAULT_TASKS) + 3 and len(free) == 3
+    assert all(len(t) > len(p) for t, p in zip(free, prompts, strict=True))  # a continuation was added
+    positions = [texts.index(t) for t in free]
+    assert positions[0] > 0 and positions[-1] < len(texts) - 1  # interleaved, not appended
+    assert not any(passage[:80] in text for passage in freetext.passages("eval") for text in texts)
+    assert latents.read_manifest(out)["num_sequences"] == len(texts)
+
+
+def test_device_map_reaches_the_teacher_loader(tiny, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    seen = []
+    original = AutoModelForCausalLM.from_pretrained.__func__
+
+    def recording(cls, *args, **kwargs):
+        seen.append(kwargs.get("device_map"))
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(recording))
+    with_map = latents.LatentReader(_cache(tiny, tmp_path / "auto", device_map="auto"))
+    assert seen == ["auto"]
+    plain = latents.LatentReader(_cache(tiny, tmp_path / "plain"))
+    for (ids_a, rows_a), (ids_b, rows_b) in zip(with_map.sequences(), plain.sequences(), strict=True):
+        assert torch.equal(ids_a, ids_b)
+        assert all(torch.equal(rows_a[layer], rows_b[layer]) for layer in rows_a)
+    with pytest.raises(ValueError, match="device_map"):
+        latents.load_teacher(
+            replace(latents.CacheLatentsConfig(), device_map="auto"), latent.Context(rank=0, world_size=2)
+        )
+
+
+def test_lora_student_changes_only_lora_and_projector_params(tiny, tmp_path):
+    from cdm_fast import models
+
+    config = _distill_config(tiny, tmp_path / "lora", max_steps=2, student_lora_rank=4)
+    report = latent.run(config)
+    teacher, _ = models.load(tiny["teacher"])
+    base = latent.build_student(config, teacher.config, teacher.get_input_embeddings().weight.detach())
+    state = torch.load(tmp_path / "lora" / "checkpoint.pt", weights_only=False)
+    lora_keys = [k for k in state["student"] if "lora_" in k]
+    assert lora_keys and any("mlp.down_proj" in k for k in lora_keys)
+    assert not any("lm_head.lora" in k or "embed_tokens.lora" in k for k in lora_keys)
+    initial = {k: v for k, v in base.state_dict().items()}
+    for key, value in state["student"].items():
+        if "lora_" in key:
+            continue
+        name = key.replace("base_model.model.", "").replace(".base_layer", "")
+        assert torch.equal(value, initial[name]), key
+    assert any(state["student"][k].abs().sum() > 0 for k in lora_keys if "lora_B" in k)  # B starts at 0
+    assert report["trainable_parameters"] < sum(v.numel() for v in initial.values())
+    assert (tmp_path / "lora" / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "lora" / "student" / "config.json").is_file()
+    setup = json.loads((tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()[0])
+    assert "patched" in setup["patch_peft"]

@@ -16,6 +16,11 @@ Caveat, stated rather than hidden: the target side is learned (P_l is trained wi
 alone has a collapsed minimum (P_l → its bias, student hidden → that constant); the CE term and the short
 runs keep it away in practice, and the report shows the MSE and CE terms apart.
 
+Student: full fine-tune (default) or, with `student_lora_rank` R > 0, a peft LoRA (rank R, alpha
+`student_lora_alpha`, default 2R) on every Linear of the blocks, run through `cdm_fast.patch.patch_peft`
+(the fused lora op); the projectors always train in full. `student` may be a pretrained HF folder (its
+weights are loaded) or a folder with only a config.json (built from it).
+
 Student (default): a Llama with d=192, 6 layers, 3 heads, 1 kv head, intermediate 512, the teacher's
 vocabulary and special tokens, tied embeddings. Its embedding matrix is initialised from the teacher's by a
 fixed random projection E_s = E_t @ R, R (d_t, d_s) ~ N(0, 1/d_t) from a generator seeded with `seed`
@@ -25,7 +30,17 @@ Layer map: pairs "t:s" of a cached teacher hidden_states index and a student hid
 (0 = embeddings, s in 1..L_s the output of block s; the last one is normed in HF Llama and is not allowed).
 Default: student layers 1..L_s-1 to the cached teacher layers, evenly spaced.
 
-Data: the cache's sequences in cache order; the last `heldout_sequences` are held out for perplexity.
+Data: the cache's sequences in cache order, `batch_size` sequences (the global batch) per optimizer step;
+the last `heldout_sequences` are held out. Evaluation (after training): perplexity on those held-out cache
+sequences, perplexity on `cdm_fast.freetext.passages("eval")` (free text never in any cache: the default
+cache's free text is generated from the "train" passages), and logic-suite accuracy per task (split "eval").
+
+Scale-out: under `torchrun --nproc-per-node N` (`cdm_fast.distill.distributed`) every rank reads the same
+global batch and takes its own contiguous slice of its rows; student + projectors train as one module under
+DistributedDataParallel. Each rank's loss is its sum over its tokens divided by the global batch's token
+counts (times N, which DDP's gradient averaging undoes), so one step equals the single-process step on the
+same global batch up to floating-point summation order. Rank 0 alone writes config, metrics, checkpoints,
+the student and the report, and evaluates while the others wait.
 """
 
 from __future__ import annotations
@@ -45,12 +60,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cdm_fast.distill import distributed
 from cdm_fast.distill import latents as cache
+from cdm_fast.distill.distributed import Context
 from cdm_fast.nn.projector import FourierProjector
 
 PROJECTIONS = ("fourier", "linear", "none")
 STUDENT_INITS = ("projection", "truncation", "random")
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "report.json", "report.md", "loss.png")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
 @dataclass
@@ -67,7 +85,9 @@ class LatentDistillConfig:
     student_heads: int = 3
     student_kv_heads: int = 1
     student_intermediate: int = 512
-    student_init: str = "projection"
+    student_init: str = "projection"  # for a student built from a config (ignored for pretrained weights)
+    student_lora_rank: int = 0  # 0: full fine-tune; R > 0: a peft LoRA of rank R (+ the projectors in full)
+    student_lora_alpha: float | None = None  # None: 2 * student_lora_rank
     layer_map: str | None = None  # "t:s,t:s"; None: evenly spaced
     projection: str = "fourier"
     num_frequencies: int = 256
@@ -85,6 +105,9 @@ class LatentDistillConfig:
     eval_problems_per_task: int = 1
     eval_max_new_tokens: int = 24
     eval_num_shots: int = 0  # the default cache's prompts are zero-shot too
+    eval_freetext_passages: int | None = (
+        None  # held-out free-text passages for perplexity; None: all, 0: none
+    )
     bootstrap_samples: int = 1000
     seed: int = 0
     resume: bool = False
@@ -133,10 +156,18 @@ def parse_layer_map(text: str | None, teacher_layers, student_layers: int) -> li
 
 
 def build_student(config: LatentDistillConfig, teacher_config: Any, teacher_embeddings: torch.Tensor | None):
-    from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if config.student_init not in STUDENT_INITS:
         raise ValueError(f"student_init: expected one of {STUDENT_INITS}, got {config.student_init!r}")
+    if config.student and any((Path(config.student) / name).is_file() for name in WEIGHT_FILES):
+        student = AutoModelForCausalLM.from_pretrained(config.student, dtype=torch.float32)
+        if student.config.vocab_size != teacher_config.vocab_size:
+            raise ValueError(
+                f"student: expected the teacher's vocab_size {teacher_config.vocab_size}, "
+                f"got {student.config.vocab_size}"
+            )
+        return student
     if config.student:
         student_config = AutoConfig.from_pretrained(config.student)
     else:
@@ -176,6 +207,28 @@ def build_student(config: LatentDistillConfig, teacher_config: Any, teacher_embe
                     raise ValueError(f"student_init: truncation needs d_student <= {d_t}, got {d_s}")
                 student.get_input_embeddings().weight.copy_(teacher_embeddings[:, :d_s].float())
     return student
+
+
+def lora_student(student, config: LatentDistillConfig):
+    """A peft LoRA (rank `student_lora_rank`) on every Linear of the blocks (peft's "all-linear": lm_head
+    excluded), the base frozen, patched to the fused op. Returns (peft model, patch report as text)."""
+    from peft import LoraConfig, get_peft_model
+
+    from cdm_fast.patch import patch_peft
+
+    rank = config.student_lora_rank
+    alpha = config.student_lora_alpha if config.student_lora_alpha is not None else 2.0 * rank
+    torch.manual_seed(config.seed)
+    lora = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(student, lora)
+    return model, str(patch_peft(model))
 
 
 class ScaledLinear(nn.Module):
@@ -222,7 +275,16 @@ def median_norms(batch: dict[str, Any], layers) -> dict[int, float]:
     return {t: float(batch["latents"][t][mask].float().norm(dim=-1).median()) for t in layers}
 
 
-def step_losses(student, projectors, batch, pairs, config) -> dict[str, torch.Tensor]:
+def token_counts(batch: dict[str, Any]) -> dict[str, int]:
+    """The denominators of the losses: next-token targets (CE) and non-pad tokens (latent MSE)."""
+    mask = batch["attention_mask"]
+    return {"ce_tokens": int(mask[:, 1:].sum()), "latent_tokens": int(mask.sum())}
+
+
+def step_losses(student, projectors, batch, pairs, config, counts=None) -> dict[str, torch.Tensor]:
+    """The weighted loss and its CE and MSE terms, each a sum over this batch's tokens divided by `counts`
+    (`token_counts` of the global batch; default: of this batch, which makes them plain means)."""
+    counts = counts or token_counts(batch)
     mask = batch["attention_mask"]
     output = student(
         input_ids=batch["input_ids"],
@@ -231,16 +293,19 @@ def step_losses(student, projectors, batch, pairs, config) -> dict[str, torch.Te
     )
     logits = output.logits[:, :-1].float()
     labels = batch["input_ids"][:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    ce = nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+    ce_sum = nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
     )
-    mse = torch.zeros((), dtype=torch.float32)
+    ce = ce_sum / max(counts["ce_tokens"], 1)
+    mse = torch.zeros((), dtype=torch.float32, device=ce.device)
     if len(projectors) > 0:
         keep = mask.bool()
         per_layer = []
         for t, s in pairs:
-            target = projectors[str(t)](batch["latents"][t][keep])
-            per_layer.append(nn.functional.mse_loss(output.hidden_states[s][keep].float(), target.float()))
+            hidden = output.hidden_states[s][keep].float()
+            target = projectors[str(t)](batch["latents"][t][keep]).float()
+            squared = nn.functional.mse_loss(hidden, target, reduction="sum")
+            per_layer.append(squared / max(counts["latent_tokens"] * hidden.shape[-1], 1))
         mse = torch.stack(per_layer).mean()
     terms = []  # a zero weight drops its term from the graph (no zero gradients flowing)
     if config.ce_weight:
@@ -251,6 +316,44 @@ def step_losses(student, projectors, batch, pairs, config) -> dict[str, torch.Te
         raise ValueError("ce_weight, mse_weight: expected at least one positive weight, got none")
     loss = torch.stack(terms).sum()
     return {"loss": loss, "ce": ce.detach(), "mse": mse.detach()}
+
+
+class Distilled(nn.Module):
+    """Student and projectors as one module, so DistributedDataParallel wraps (and syncs) both;
+    forward(batch, counts) = `step_losses`."""
+
+    def __init__(self, student: nn.Module, projectors: nn.ModuleDict, pairs, config) -> None:
+        super().__init__()
+        self.student, self.projectors = student, projectors
+        self.pairs, self.config = pairs, config
+
+    def forward(self, batch: dict[str, Any], counts: dict[str, int]) -> dict[str, torch.Tensor]:
+        return step_losses(self.student, self.projectors, batch, self.pairs, self.config, counts)
+
+
+def local_rows(batch: dict[str, Any], context: Context) -> tuple[dict[str, Any], float]:
+    """This rank's contiguous slice of the global batch's rows, and its weight: 1, or 0 when the batch has
+    fewer rows than ranks and this rank has none (it then runs row 0 with weight 0, as DDP needs every rank
+    to take part in the step)."""
+    if not context.distributed:
+        return batch, 1.0
+    rows = torch.arange(batch["input_ids"].shape[0]).tensor_split(context.world_size)[context.rank]
+    weight = 1.0
+    if rows.numel() == 0:
+        rows, weight = torch.zeros(1, dtype=torch.long), 0.0
+    return {
+        "input_ids": batch["input_ids"][rows],
+        "attention_mask": batch["attention_mask"][rows],
+        "latents": {t: v[rows] for t, v in batch["latents"].items()},
+    }, weight
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {
+        "input_ids": batch["input_ids"].to(device),
+        "attention_mask": batch["attention_mask"].to(device),
+        "latents": {t: v.to(device) for t, v in batch["latents"].items()},
+    }
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -286,7 +389,8 @@ def bootstrap_ci(values: list[float], samples: int, seed: int) -> list[float] | 
 # ---------------------------------------------------------------- steps
 
 
-def prepare_out(config: LatentDistillConfig) -> Path:
+def prepare_out(config: LatentDistillConfig, context: Context) -> Path:
+    """Check (every rank, before anything is written), then clear and write config.json (rank 0)."""
     out = Path(config.out)
     existing = [name for name in RUN_FILES if (out / name).exists()]
     if existing and not config.resume and not config.overwrite:
@@ -294,19 +398,24 @@ def prepare_out(config: LatentDistillConfig) -> Path:
             f"out: {out} already holds a run ({', '.join(existing)}); pass --resume to continue it or "
             "--overwrite to replace it"
         )
-    if config.overwrite and not config.resume:
-        for name in existing:
-            (out / name).unlink()
-        shutil.rmtree(out / "student", ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    cache.atomic_write_json(out / "config.json", asdict(config))
+    distributed.barrier(context)
+    if context.is_main:
+        if config.overwrite and not config.resume:
+            for name in existing:
+                (out / name).unlink()
+            shutil.rmtree(out / "student", ignore_errors=True)
+            shutil.rmtree(out / "adapter", ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        cache.atomic_write_json(out / "config.json", asdict(config))
+    distributed.barrier(context)
     return out
 
 
-def ensure_cache(config: LatentDistillConfig, out: Path) -> Path:
+def ensure_cache(config: LatentDistillConfig, out: Path, context: Context) -> Path:
     cache_dir = Path(config.cache) if config.cache else out / "cache"
     manifest = cache_dir / "manifest.json"
-    if manifest.exists() and json.loads(manifest.read_text()).get("complete"):
+    complete = manifest.exists() and json.loads(manifest.read_text()).get("complete")
+    if distributed.broadcast(complete, context):
         return cache_dir
     cache.run(
         cache.CacheLatentsConfig(
@@ -342,35 +451,38 @@ def _truncate_metrics(path: Path, step: int) -> None:
     cache.atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
 
-def train(config, out, student, projectors, pairs, reader, sigmas) -> None:
-    params = list(student.parameters()) + list(projectors.parameters())
+def train(config, out, student, projectors, pairs, reader, setup_record, context: Context) -> None:
+    """AdamW on the trainable parameters of student + projectors for `max_steps` global batches."""
+    model = Distilled(student, projectors, pairs, config).to(context.device)
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     metrics = out / "metrics.jsonl"
     checkpoint = out / "checkpoint.pt"
     step = 0
     if config.resume and checkpoint.exists():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        state = torch.load(checkpoint, map_location=context.device, weights_only=False)
         student.load_state_dict(state["student"])
         projectors.load_state_dict(state["projectors"])
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
-        _truncate_metrics(metrics, step)
-    elif metrics.exists():  # a fresh start (or --resume before any checkpoint)
+        if context.is_main:
+            _truncate_metrics(metrics, step)
+    elif metrics.exists() and context.is_main:  # a fresh start (or --resume before any checkpoint)
         metrics.unlink()
-    if step == 0:
-        _log(
-            metrics,
-            {
-                "event": "setup",
-                "step": 0,
-                "layer_map": pairs,
-                "sigmas": sigmas,
-                "projection": config.projection,
-                "cache": str(reader.cache_dir),
-            },
-        )
+    if step == 0 and context.is_main:
+        _log(metrics, {"event": "setup", "step": 0, **setup_record, "world_size": context.world_size})
+    distributed.barrier(context)
+    if context.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # With ce_weight 0 the blocks above the highest mapped layer (and lm_head) get no gradient.
+        step_module = DistributedDataParallel(model, find_unused_parameters=not config.ce_weight)
+    else:
+        step_module = model
 
     def save(at_step: int) -> None:
+        if not context.is_main:
+            return
         atomic_torch_save(
             {
                 "student": student.state_dict(),
@@ -389,32 +501,40 @@ def train(config, out, student, projectors, pairs, reader, sigmas) -> None:
     stream = batches()
     for _ in range(step):
         next(stream)
-    student.train()
+    model.train()
     bar = tqdm(
-        total=config.max_steps, initial=step, desc="latent-distill", unit="step", disable=not config.progress
+        total=config.max_steps,
+        initial=step,
+        desc="latent-distill",
+        unit="step",
+        disable=not (config.progress and context.is_main),
     )
     try:
         while step < config.max_steps:
             batch = next(stream)
             started = time.perf_counter()
-            losses = step_losses(student, projectors, batch, pairs, config)
+            counts = token_counts(batch)
+            local, weight = local_rows(batch, context)
+            losses = step_module(to_device(local, context.device), counts)
             optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
+            # DDP averages gradients over ranks; each rank's loss is already its share of the global mean.
+            (losses["loss"] * (weight * context.world_size)).backward()
             optimizer.step()
             step += 1
             seconds = time.perf_counter() - started
-            tokens = int(batch["attention_mask"].sum())
+            tokens = counts["latent_tokens"]
             record = {
                 "event": "train",
                 "step": step,
-                "loss": float(losses["loss"].detach()),
-                "ce": float(losses["ce"]),
-                "mse": float(losses["mse"]),
+                "loss": distributed.all_sum(weight * float(losses["loss"].detach()), context),
+                "ce": distributed.all_sum(weight * float(losses["ce"]), context),
+                "mse": distributed.all_sum(weight * float(losses["mse"]), context),
                 "tokens": tokens,
                 "seconds": seconds,
                 "tokens_per_s": tokens / seconds,
             }
-            _log(metrics, record)
+            if context.is_main:
+                _log(metrics, record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
             if step % config.checkpoint_every == 0 or step == config.max_steps:
@@ -429,15 +549,38 @@ def train(config, out, student, projectors, pairs, reader, sigmas) -> None:
 
 @torch.no_grad()
 def heldout_perplexity(student, reader) -> dict[str, Any]:
+    """Mean over the held-out cache sequences of each one's mean next-token NLL."""
     student.eval()
+    device = student.get_input_embeddings().weight.device
     per_sequence = []
     for batch in reader:
-        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        labels = batch["input_ids"][:, 1:]
-        mask = batch["attention_mask"][:, 1:].float()
+        input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        logits = student(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        labels = input_ids[:, 1:]
+        mask = attention_mask[:, 1:].float()
         nll = nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
         per_sequence += ((nll * mask).sum(1) / mask.sum(1).clamp_min(1)).tolist()
     return {"mean_nll": sum(per_sequence) / len(per_sequence), "per_sequence_nll": per_sequence}
+
+
+def freetext_perplexity(student, tokenizer, config) -> dict[str, Any]:
+    """Perplexity on the held-out free-text passages (`cdm_fast.freetext.passages("eval")`, never cached)."""
+    from cdm_fast import freetext
+
+    texts = freetext.passages("eval")
+    if config.eval_freetext_passages is not None:
+        texts = texts[: config.eval_freetext_passages]
+    if not texts:
+        return {"skipped": True}
+    result = freetext.perplexity(student, tokenizer, texts, max_length=512, batch_size=config.batch_size)
+    per_passage = [s / max(c, 1) for s, c in zip(result["nll_sums"], result["token_counts"], strict=True)]
+    return {
+        "nll": result["nll"],
+        "perplexity": result["perplexity"],
+        "tokens": result["tokens"],
+        "passages": len(texts),
+        "per_passage_nll": per_passage,
+    }
 
 
 def evaluate_logic(student, tokenizer, config) -> dict[str, Any]:
@@ -472,6 +615,7 @@ def write_report(out: Path, config: LatentDistillConfig) -> dict[str, Any]:
     evaluation = next((r for r in reversed(records) if r["event"] == "eval"), {})
     tokens_per_s = [r["tokens_per_s"] for r in train_rows[1:]] or [r["tokens_per_s"] for r in train_rows]
     ppl = evaluation.get("heldout", {})
+    free = evaluation.get("freetext", {})
     report = {
         "projection": config.projection,
         "steps": len(train_rows),
@@ -481,6 +625,12 @@ def write_report(out: Path, config: LatentDistillConfig) -> dict[str, Any]:
         "tokens_per_s_median": sorted(tokens_per_s)[len(tokens_per_s) // 2] if tokens_per_s else None,
         "heldout_perplexity": math.exp(ppl["mean_nll"]) if ppl else None,
         "heldout_nll_ci95": ppl.get("nll_ci95"),
+        "freetext_perplexity": free.get("perplexity"),
+        "freetext_nll_ci95": free.get("nll_ci95"),
+        "freetext_passages": free.get("passages"),
+        "student_lora_rank": config.student_lora_rank,
+        "trainable_parameters": setup.get("trainable_parameters"),
+        "world_size": setup.get("world_size", 1),
         "logic": {k: v for k, v in evaluation.get("logic", {}).items() if k != "scores"},
         "peak_memory": evaluation.get("peak_memory"),
         "config": asdict(config),
@@ -494,10 +644,18 @@ def write_report(out: Path, config: LatentDistillConfig) -> dict[str, Any]:
         "|---|---|",
         f"| steps | {report['steps']} |",
         f"| final loss / CE / MSE | {_fmt(report['final'])} |",
-        f"| held-out perplexity | {_num(report['heldout_perplexity'])} "
+        f"| held-out cache perplexity (last {config.heldout_sequences} cached sequences) | "
+        f"{_num(report['heldout_perplexity'])} "
         f"(per-sequence NLL 95% bootstrap CI {_ci(report['heldout_nll_ci95'])}) |",
+        f"| held-out free-text perplexity ({report['freetext_passages']} eval passages, never cached) | "
+        f"{_num(report['freetext_perplexity'])} "
+        f"(per-passage NLL 95% bootstrap CI {_ci(report['freetext_nll_ci95'])}) |",
         f"| logic accuracy (overall, n={logic.get('n')}) | {_num(logic.get('overall'))} "
         f"(95% bootstrap CI {_ci(logic.get('overall_ci95'))}) |",
+        *(f"| logic accuracy: {task} | {_num(value)} |" for task, value in logic.get("accuracy", {}).items()),
+        f"| trainable parameters | {report['trainable_parameters']} "
+        f"(LoRA rank {config.student_lora_rank or 'none: full fine-tune'}) |",
+        f"| processes (world size) | {report['world_size']} |",
         f"| tokens/s (median) | {_num(report['tokens_per_s_median'])} |",
         f"| peak memory | {_memory(report['peak_memory'])} |",
         f"| layer map (teacher:student) | {report['layer_map']} |",
@@ -561,7 +719,9 @@ def _plot(rows, path: Path) -> None:
 
 
 def run(config: LatentDistillConfig) -> dict[str, Any]:
-    """Build the cache if missing, train, evaluate, report. Returns the report dict."""
+    """Build the cache if missing, train, evaluate, report. Returns the report dict (on every rank).
+
+    Under torchrun every rank calls this (see the module docstring)."""
     from cdm_fast import models
 
     if config.projection not in PROJECTIONS:
@@ -572,8 +732,13 @@ def run(config: LatentDistillConfig) -> dict[str, Any]:
         )
     if config.max_steps < 1 or config.batch_size < 1 or config.checkpoint_every < 1:
         raise ValueError("max_steps, batch_size, checkpoint_every: expected >= 1")
-    out = prepare_out(config)
-    cache_dir = ensure_cache(config, out)
+    if config.student_lora_rank < 0:
+        raise ValueError(
+            f"student_lora_rank: expected >= 0 (0: full fine-tune), got {config.student_lora_rank}"
+        )
+    context = distributed.setup()
+    out = prepare_out(config, context)
+    cache_dir = ensure_cache(config, out, context)
     teacher, tokenizer = models.load(config.teacher)
     expect = {
         "teacher": cache.teacher_id(config.teacher),
@@ -609,27 +774,45 @@ def run(config: LatentDistillConfig) -> dict[str, Any]:
     d_teacher = manifest["d_model"]
     input_scales = {t: math.sqrt(d_teacher) / max(norms[t], 1e-12) for t in teacher_layers}
     projectors = build_projectors(config, pairs, d_teacher, student.config.hidden_size, sigmas, input_scales)
-    if config.projection == "none":
-        pairs_used: list = []
-    else:
-        pairs_used = pairs
-    train(
-        config,
-        out,
-        student,
-        projectors,
-        pairs_used,
-        train_reader,
-        {
+    patched = None
+    if config.student_lora_rank > 0:
+        student, patched = lora_student(student, config)
+    student.to(context.device)
+    trainable = sum(p.numel() for p in [*student.parameters(), *projectors.parameters()] if p.requires_grad)
+    setup_record = {
+        "layer_map": pairs,
+        "sigmas": {
             str(t): {"sigma": sigmas[t], "median_norm": norms[t], "linear_input_scale": input_scales[t]}
             for t in teacher_layers
         },
-    )
+        "projection": config.projection,
+        "cache": str(cache_dir),
+        "trainable_parameters": trainable,
+        "patch_peft": patched,
+        "teacher_dtype": str(teacher_embeddings_dtype),
+    }
+    pairs_used = [] if config.projection == "none" else pairs
+    train(config, out, student, projectors, pairs_used, train_reader, setup_record, context)
+    distributed.barrier(context)
+    report = None
+    if context.is_main:
+        report = evaluate_and_report(config, out, student, projectors, tokenizer, cache_dir, expect, context)
+    return distributed.broadcast(report, context)
+
+
+def evaluate_and_report(config, out, student, projectors, tokenizer, cache_dir, expect, context) -> dict:
+    """Rank 0: held-out cache and free-text perplexity, logic accuracy, the saved student, the report."""
+    total = cache.read_manifest(cache_dir)["num_sequences"]
+    heldout = min(config.heldout_sequences, total - 1)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     heldout_reader = cache.LatentReader(
         cache_dir, expect, batch_size=config.batch_size, layers=[], start=total - heldout, pad_id=pad_id
     )
     ppl = heldout_perplexity(student, heldout_reader)
     ppl["nll_ci95"] = bootstrap_ci(ppl["per_sequence_nll"], config.bootstrap_samples, config.seed)
+    free = freetext_perplexity(student, tokenizer, config)
+    if "per_passage_nll" in free:
+        free["nll_ci95"] = bootstrap_ci(free["per_passage_nll"], config.bootstrap_samples, config.seed)
     logic = evaluate_logic(student, tokenizer, config)
     if "scores" in logic:
         logic["overall_ci95"] = bootstrap_ci(logic["scores"], config.bootstrap_samples, config.seed)
@@ -639,11 +822,14 @@ def run(config: LatentDistillConfig) -> dict[str, Any]:
             "event": "eval",
             "step": config.max_steps,
             "heldout": ppl,
+            "freetext": free,
             "logic": logic,
             "peak_memory": peak_memory_bytes(),
-            "teacher_dtype": str(teacher_embeddings_dtype),
         },
     )
+    if config.student_lora_rank > 0:
+        student.save_pretrained(out / "adapter")  # a standard peft adapter folder
+        student = student.merge_and_unload()
     student.save_pretrained(out / "student")
     tokenizer.save_pretrained(out / "student")
     torch.save(projectors.state_dict(), out / "student" / "projectors.pt")

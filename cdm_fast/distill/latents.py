@@ -1,8 +1,11 @@
 """`cache-latents`: run a teacher once, store chosen layers' hidden states per token, stream them back.
 
 Layout of a cache folder (`CacheLatentsConfig.out`):
-- `data.jsonl`: the texts that were cached, one `{"text": ...}` per line (the default data, logic-suite
-  prompts with the teacher's greedy solutions, is generated once and kept here so a resumed run reuses it).
+- `data.jsonl`: the texts that were cached, one `{"text": ...}` per line. The default data is generated once
+  and kept here (a resumed run reuses it): logic-suite prompts (split "train") with the teacher's greedy
+  solutions, interleaved with a free-text set, the teacher's greedy continuations of
+  `cdm_fast.freetext.prompts("train", default_freetext)` (no_repeat_ngram_size 4, so a small teacher does
+  not loop). The free-text "eval" passages are never cached: latent-distill measures perplexity on them.
 - `manifest.json`: teacher id, layers, dtype, d_model, tokenizer (name, vocab size, sha256 of the vocab),
   data hash (sha256 of data.jsonl), max_length, shard size, and once finished `complete: true` with the
   shards (file, first sequence, sequences, tokens). Written atomically (tmp + os.replace).
@@ -11,6 +14,14 @@ Layout of a cache folder (`CacheLatentsConfig.out`):
   e4m3 codes with `scale.l` (N, 1) fp32 (one scale per token row: amax/448, `cdm_fast.float8`), or bf16.
   Shards are written to a temporary name and renamed, so a shard file that exists is complete; a resumed
   run skips them.
+
+Scale-out: under `torchrun --nproc-per-node N` (`cdm_fast.distill.distributed`) the default data's generation
+is sharded over the ranks and gathered in order, rank r writes the shards whose index ≡ r (mod N), and rank
+0 alone writes data.jsonl and the manifest (after a barrier, once every shard exists). Resuming works the
+same way: a rank skips its shards that exist.
+
+Big teachers: `device_map` (e.g. "auto") is passed to `from_pretrained`, which places the layers over the
+visible devices (accelerate); a single process only, since it already spans every device.
 
 Layer index l is an index into HF `output_hidden_states`: 0 is the embedding output, l in 1..L the output
 of block l (for HF Llama the last one, L, already has the final norm applied).
@@ -39,6 +50,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from cdm_fast.distill import distributed
+from cdm_fast.distill.distributed import Context
 from cdm_fast.float8 import dequantize_rowwise, quantize_rowwise
 
 FORMAT = "cdm_fast.latents/1"
@@ -63,7 +76,10 @@ class CacheLatentsConfig:
     default_problems_per_task: int = 2
     default_num_shots: int = 0
     default_max_new_tokens: int = 24
+    default_freetext: int = 8  # free-text prompts the teacher continues (0: logic only)
+    default_freetext_max_new_tokens: int = 48
     generation_batch_size: int = 8
+    device_map: str | None = None  # e.g. "auto": passed to from_pretrained (big teachers over several GPUs)
     seed: int = 0
     progress: bool = True
 
@@ -144,10 +160,77 @@ def read_texts(path: str | Path) -> list[str]:
     return texts
 
 
-def default_texts(model: Any, tokenizer: Any, config: CacheLatentsConfig) -> list[str]:
+def load_teacher(config: CacheLatentsConfig, context: Context):
+    """(model, tokenizer) as `cdm_fast.models.load` gives them; with `device_map`, loaded by transformers
+    directly with that map (models.load has no device_map argument)."""
+    from cdm_fast import models
+
+    if config.device_map is None:
+        return models.load(config.teacher, device=context.device)
+    if context.distributed:
+        raise ValueError(
+            f"device_map: {config.device_map!r} spreads one teacher over every visible device; expected a "
+            f"single process, got world size {context.world_size} (drop --device-map under torchrun)"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, local_only = models._resolve(config.teacher)
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    model = AutoModelForCausalLM.from_pretrained(
+        source,
+        dtype=torch.float32,
+        attn_implementation="eager",
+        local_files_only=local_only,
+        device_map=config.device_map,
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    model.eval()
+    return model, tokenizer
+
+
+def _interleave(first: list[str], second: list[str]) -> list[str]:
+    """Both lists merged by relative position, so any contiguous slice (the held-out tail) mixes them."""
+    keyed = [((i + 0.5) / len(first), 0, t) for i, t in enumerate(first)]
+    keyed += [((i + 0.5) / len(second), 1, t) for i, t in enumerate(second)]
+    return [t for _, _, t in sorted(keyed, key=lambda k: (k[0], k[1]))]
+
+
+@torch.no_grad()
+def freetext_continuations(model: Any, tokenizer: Any, prompts: list[str], config: CacheLatentsConfig):
+    """Each prompt followed by the teacher's greedy continuation (no_repeat_ngram_size 4)."""
+    device = model.get_input_embeddings().weight.device  # the first layer's, under a device_map
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    texts = []
+    try:
+        for start in range(0, len(prompts), config.generation_batch_size):
+            chunk = prompts[start : start + config.generation_batch_size]
+            encoded = tokenizer(chunk, return_tensors="pt", padding=True)
+            output = model.generate(
+                input_ids=encoded["input_ids"].to(device),
+                attention_mask=encoded["attention_mask"].to(device),
+                max_new_tokens=config.default_freetext_max_new_tokens,
+                do_sample=False,
+                no_repeat_ngram_size=4,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+            texts += [prompt + continuation for prompt, continuation in zip(chunk, new, strict=True)]
+    finally:
+        tokenizer.padding_side = padding_side
+    return texts
+
+
+def default_texts(model: Any, tokenizer: Any, config: CacheLatentsConfig, context: Context | None = None):
     """Logic-suite problems (split "train", every task, interleaved), each followed by the teacher's greedy
-    solution (cut where it starts a new "Question:")."""
+    solution (cut where it starts a new "Question:"), interleaved with `default_freetext` free-text prompts
+    and their greedy continuations. Generation is sharded over the ranks; every rank returns all texts."""
+    from cdm_fast import freetext
     from cdm_fast.logic import evaluate, generate
+
+    context = context or Context()
 
     drawn = generate(
         config.default_problems_per_task, seed=config.seed, split="train", num_shots=config.default_num_shots
@@ -156,28 +239,39 @@ def default_texts(model: Any, tokenizer: Any, config: CacheLatentsConfig) -> lis
     position = {id(p): i for i, p in enumerate(drawn)}
     rank = {id(p): sum(q.task == p.task for q in drawn[: position[id(p)]]) for p in drawn}
     problems = sorted(drawn, key=lambda p: (rank[id(p)], position[id(p)]))
-    result = evaluate(
-        model,
-        tokenizer,
-        problems,
-        batch_size=config.generation_batch_size,
-        max_new_tokens=config.default_max_new_tokens,
-        progress=config.progress,
-    )
-    texts = []
-    for problem, row in zip(problems, result["results"], strict=True):
-        completion = re.split(r"\n\s*Question:", row["completion"], maxsplit=1)[0].rstrip()
-        texts.append(problem.prompt(tokenizer) + completion)
-    return texts
+    mine = distributed.shard(problems, context)
+    rows = []
+    if mine:
+        rows = evaluate(
+            model,
+            tokenizer,
+            mine,
+            batch_size=config.generation_batch_size,
+            max_new_tokens=config.default_max_new_tokens,
+            progress=config.progress and context.is_main,
+        )["results"]
+    logic = [
+        problem.prompt(tokenizer) + re.split(r"\n\s*Question:", row["completion"], maxsplit=1)[0].rstrip()
+        for problem, row in zip(mine, rows, strict=True)
+    ]
+    logic = distributed.gather(logic, len(problems), context)
+    if config.default_freetext < 1:
+        return logic
+    prompts = freetext.prompts("train", config.default_freetext)
+    free = freetext_continuations(model, tokenizer, distributed.shard(prompts, context), config)
+    return _interleave(logic, distributed.gather(free, len(prompts), context))
 
 
-def _data_file(config: CacheLatentsConfig, out: Path, model: Any, tokenizer: Any) -> Path:
+def _data_file(config: CacheLatentsConfig, out: Path, model: Any, tokenizer: Any, context: Context) -> Path:
+    """data.jsonl, written by rank 0 (generated by every rank) when missing."""
     path = out / "data.jsonl"
-    if path.exists():
+    if distributed.broadcast(path.exists(), context):
         return path
-    texts = read_texts(config.data) if config.data else default_texts(model, tokenizer, config)
-    lines = "".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in texts)
-    atomic_write_bytes(path, lines.encode())
+    texts = read_texts(config.data) if config.data else default_texts(model, tokenizer, config, context)
+    if context.is_main:
+        lines = "".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in texts)
+        atomic_write_bytes(path, lines.encode())
+    distributed.barrier(context)
     return path
 
 
@@ -204,7 +298,7 @@ def decode(latent: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype)
 def _shard_tensors(model, tokenizer, texts, layers, config) -> dict[str, torch.Tensor]:
     ids, lengths = [], []
     parts: dict[int, list[dict[str, torch.Tensor]]] = {layer: [] for layer in layers}
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device  # the first layer's, under a device_map
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "right"
     try:
@@ -225,11 +319,9 @@ def _shard_tensors(model, tokenizer, texts, layers, config) -> dict[str, torch.T
             for row in range(mask.shape[0]):
                 ids.append(batch["input_ids"][row][mask[row]])
                 lengths.append(int(mask[row].sum()))
-            flat_mask = mask.to(device)
             for layer in layers:
-                parts[layer].append(
-                    encode(output.hidden_states[layer][flat_mask].float().cpu(), config.dtype)
-                )
+                hidden = output.hidden_states[layer]
+                parts[layer].append(encode(hidden[mask.to(hidden.device)].float().cpu(), config.dtype))
     finally:
         tokenizer.padding_side = padding_side
     tensors = {
@@ -254,21 +346,33 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
 
-def run(config: CacheLatentsConfig) -> Path:
-    """Write (or finish) the cache in `config.out`; returns the folder. Complete shards are skipped."""
-    from cdm_fast import models
+def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": FORMAT})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
+
+def run(config: CacheLatentsConfig) -> Path:
+    """Write (or finish) the cache in `config.out`; returns the folder. Complete shards are skipped.
+
+    Under torchrun every rank calls this; see the module docstring for who writes what."""
     if config.dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {DTYPES}, got {config.dtype!r}")
     for name in ("max_length", "batch_size", "shard_sequences"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name}: expected >= 1, got {getattr(config, name)}")
+    context = distributed.setup()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = models.load(config.teacher)
+    model, tokenizer = load_teacher(config, context)
     num_layers = model.config.num_hidden_layers
     layers = validate_layers(config.layers, num_layers) if config.layers else default_layers(num_layers)
-    data_path = _data_file(config, out, model, tokenizer)
+    data_path = _data_file(config, out, model, tokenizer, context)
     texts = read_texts(data_path)
     identity = {
         "format": FORMAT,
@@ -284,8 +388,10 @@ def run(config: CacheLatentsConfig) -> Path:
         "num_sequences": len(texts),
     }
     manifest_path = out / "manifest.json"
-    if manifest_path.exists():
-        previous = json.loads(manifest_path.read_text())
+    previous = distributed.broadcast(
+        json.loads(manifest_path.read_text()) if manifest_path.exists() else None, context
+    )
+    if previous is not None:
         differing = sorted(k for k in identity if _identity(k, previous.get(k)) != _identity(k, identity[k]))
         if differing:
             raise ValueError(
@@ -293,42 +399,44 @@ def run(config: CacheLatentsConfig) -> Path:
             )
         if previous.get("complete"):
             return out
-    atomic_write_json(manifest_path, {**identity, "complete": False, "config": asdict(config)})
-    shards = []
-    starts = range(0, len(texts), config.shard_sequences)
-    with tqdm(total=len(texts), desc="cache-latents", unit="seq", disable=not config.progress) as bar:
-        for index, start in enumerate(starts):
+    if context.is_main:
+        atomic_write_json(manifest_path, {**identity, "complete": False, "config": asdict(config)})
+    starts = list(range(0, len(texts), config.shard_sequences))
+    mine = [index for index in range(len(starts)) if index % context.world_size == context.rank]
+    total = sum(len(texts[starts[i] : starts[i] + config.shard_sequences]) for i in mine)
+    bar = tqdm(
+        total=total, desc="cache-latents", unit="seq", disable=not (config.progress and context.is_main)
+    )
+    with bar:
+        for index in mine:
+            chunk = texts[starts[index] : starts[index] + config.shard_sequences]
             path = out / shard_name(index)
-            chunk = texts[start : start + config.shard_sequences]
             if not path.exists():
-                tensors = _shard_tensors(model, tokenizer, chunk, layers, config)
-                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=out)
-                os.close(fd)
-                try:
-                    save_file(tensors, tmp, metadata={"format": FORMAT})
-                    os.replace(tmp, path)
-                finally:
-                    if os.path.exists(tmp):
-                        os.unlink(tmp)
-            with safe_open(path, framework="pt") as handle:
-                offsets = handle.get_tensor("offsets")
+                _write_shard(path, _shard_tensors(model, tokenizer, chunk, layers, config))
+            bar.update(len(chunk))
+    distributed.barrier(context)
+    if context.is_main:
+        shards = []
+        for index, start in enumerate(starts):
+            with safe_open(out / shard_name(index), framework="pt") as handle:
+                tokens = int(handle.get_tensor("offsets")[-1])
             shards.append(
                 {
-                    "file": path.name,
+                    "file": shard_name(index),
                     "first_sequence": start,
-                    "sequences": len(chunk),
-                    "tokens": int(offsets[-1]),
+                    "sequences": len(texts[start : start + config.shard_sequences]),
+                    "tokens": tokens,
                 }
             )
-            bar.update(len(chunk))
-    manifest = {
-        **identity,
-        "complete": True,
-        "config": asdict(config),
-        "shards": shards,
-        "num_tokens": sum(s["tokens"] for s in shards),
-    }
-    atomic_write_json(manifest_path, manifest)
+        manifest = {
+            **identity,
+            "complete": True,
+            "config": asdict(config),
+            "shards": shards,
+            "num_tokens": sum(s["tokens"] for s in shards),
+        }
+        atomic_write_json(manifest_path, manifest)
+    distributed.barrier(context)
     return out
 
 
