@@ -69,22 +69,32 @@ def passages(split: str) -> list[str]:
     return [p for p in _all_passages() if split_of(p) == split]
 
 
-def prompts(split: str, n: int) -> list[str]:
-    """`n` distinct prompts of `split`: windows of `PROMPT_SENTENCES` sentences, passage by passage.
-
-    ValueError when the split has fewer than `n` windows (the train split has about 200).
-    """
-    _check_split(split)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n: expected an int >= 0, got {n!r}")
+@functools.cache
+def _windows(split: str) -> tuple[str, ...]:
     windows = []
     for passage in passages(split):
         sentences = _SENTENCE_END.split(passage)
         for start in range(0, len(sentences) - PROMPT_SENTENCES, PROMPT_SENTENCES):
             windows.append(" ".join(sentences[start : start + PROMPT_SENTENCES]))
+    return tuple(windows)
+
+
+def num_prompts(split: str) -> int:
+    """How many prompts `split` has (the train split about 100)."""
+    _check_split(split)
+    return len(_windows(split))
+
+
+def prompts(split: str, n: int) -> list[str]:
+    """The first `n` prompts of `split`: windows of `PROMPT_SENTENCES` sentences, passage by passage, each
+    followed in its passage by at least one more sentence. ValueError when the split has fewer than `n`."""
+    _check_split(split)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n: expected an int >= 0, got {n!r}")
+    windows = _windows(split)
     if n > len(windows):
         raise ValueError(f"n: the {split} split has {len(windows)} free-text prompts, asked for {n}")
-    return windows[:n]
+    return list(windows[:n])
 
 
 @torch.no_grad()

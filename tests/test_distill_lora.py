@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import socket
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -27,16 +31,29 @@ def _torch_backend():
 
 
 class CharTokenizer:
-    """Char-level tokenizer over a 128-token vocabulary: 0 is padding, 1 is eos, text maps to 2..127."""
+    """Char-level tokenizer over a 128-token vocabulary: 0 is padding, 1 is eos, text maps to 2..127.
+
+    A list of texts with return_tensors="pt" gives left-padded tensors, as HF tokenizers do for generation."""
 
     pad_token_id = 0
     eos_token_id = 1
+    padding_side = "left"
 
-    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
-        return {"input_ids": [2 + ord(char) % 126 for char in text]}
+    def __call__(self, text, add_special_tokens: bool = True, return_tensors=None, padding=False) -> dict:
+        if isinstance(text, str):
+            return {"input_ids": [2 + ord(char) % 126 for char in text]}
+        rows = [self(t)["input_ids"] for t in text]
+        width = max(len(r) for r in rows)
+        return {
+            "input_ids": torch.tensor([[0] * (width - len(r)) + r for r in rows]),
+            "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
+        }
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return "".join(chr(ord("a") + token % 26) for token in ids if not (skip_special_tokens and token < 2))
+
+    def batch_decode(self, rows, skip_special_tokens: bool = False) -> list[str]:
+        return [self.decode(row.tolist(), skip_special_tokens) for row in rows]
 
 
 def tiny_model() -> LlamaForCausalLM:
@@ -63,7 +80,10 @@ def tiny_config(tmp_path, **overrides) -> LoraDistillConfig:
     settings = dict(
         out=str(tmp_path / "run"),
         num_prompts=4,
+        num_free_text=2,
         num_eval_prompts=3,
+        num_shallow_prompts=1,
+        perplexity_max_length=32,
         max_new_tokens=4,
         top_fraction=0.5,
         min_examples=0,
@@ -194,16 +214,20 @@ def test_run_writes_everything_with_the_report_schema(tiny_run):
     assert set(on_disk["eval"]) == {"before", "distill", "control"}
     for run in on_disk["eval"].values():
         assert {"cdm_mean", "deep_rate", "accuracy", "entropy_collapse_mean"} <= set(run)
+        assert run["free_text_perplexity"] > 1.0 and 0.0 <= run["outside_mix_accuracy"] <= 1.0
+    shallow = on_disk["differences"]["distill - control"]
+    assert {"free_text_nll", "outside_mix_correct"} <= set(shallow)
     diff = on_disk["differences"]["distill - before"]["cdm"]
     assert diff["ci95"][0] <= diff["mean"] <= diff["ci95"][1]
     assert {"distill - before", "control - before", "distill - control"} == set(on_disk["differences"])
     rows = [json.loads(line) for line in (out / "dataset.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 and sum(r["kept"] for r in rows) == 2 == on_disk["collect"]["kept"]
+    assert len(rows) == 6 and sum(r["kept"] for r in rows) == 3 == on_disk["collect"]["kept"]
+    assert [r["kind"] for r in rows] == ["logic"] * 4 + ["free_text"] * 2
     assert {"prompt", "completion", "cdm", "parts"} <= set(rows[0])
     train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in train if r["event"] == "train" and r["run"] == "distill"] == [1, 2, 3]
     md = (out / "report.md").read_text()
-    assert "CDM before → after" in md and "control (random)" in md
+    assert "CDM before → after" in md and "control (random)" in md and "free-text perplexity" in md
     assert report["eval"] == on_disk["eval"]
 
 
@@ -271,3 +295,41 @@ def test_embedded_model_short_run(tmp_path, embedded_model_cache, monkeypatch):
     assert report["collect"]["kept"] == 2
     assert 0.0 <= report["eval"]["distill"]["cdm_mean"] <= 100.0
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, config: LoraDistillConfig) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    lora.run(config, tiny_model(), CharTokenizer())
+
+
+def test_two_gloo_processes_train_the_same_adapter_as_one_with_the_same_global_batch(tmp_path):
+    """torchrun-style 2-process run (scoring sharded, DDP, rank 0 writes) against one process that
+    accumulates the same two micro-batches per step."""
+    single = tiny_config(tmp_path / "one", batch_size=1, grad_accum=2, max_steps=3)
+    lora.run(single, tiny_model(), CharTokenizer())
+    double = replace(single, out=str(tmp_path / "two" / "run"), grad_accum=1)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), double), nprocs=2, join=True)
+    one, two = Path(single.out), Path(double.out)
+    assert (one / "dataset.jsonl").read_text() == (two / "dataset.jsonl").read_text()
+    a = load_file(one / "adapter" / "adapter_model.safetensors")
+    b = load_file(two / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+    report = json.loads((two / "report.json").read_text())
+    assert report["world_size"] == 2
+    losses = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in losses if r["event"] == "train"] == [1, 2, 3]  # rank 0 alone wrote

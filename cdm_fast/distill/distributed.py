@@ -40,6 +40,9 @@ class Context:
         return self.world_size > 1
 
 
+SINGLE_PROCESS = Context()
+
+
 def launched() -> bool:
     """True under torchrun (or any launcher that sets WORLD_SIZE > 1)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1

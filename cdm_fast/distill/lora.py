@@ -2,10 +2,11 @@
 
 Steps (each a small function; `run(config)` chains them, the CLI only fills the config):
 
-1. collect  — greedy completions of `num_prompts` logic-suite *train*-split prompts, scored by `cdm.score`
-              (which returns the completions it scored); keep CDM >= `threshold` or, with `top_fraction`, the
-              top q by CDM. The distribution is printed; a warning (with the numbers) when fewer than
-              `min_examples` are kept; a `ValueError` and nothing written when none is kept.
+1. collect  — greedy completions of `num_prompts` logic-suite *train*-split prompts and `num_free_text`
+              free-text prompts (`cdm_fast.freetext`, train passages), scored by `cdm.score` (which returns
+              the completions it scored); keep CDM >= `threshold` or, with `top_fraction`, the top q by CDM.
+              The distribution is printed; a warning (with the numbers) when fewer than `min_examples` are
+              kept; a `ValueError` and nothing written when none is kept.
 2. train    — peft LoRA (r, alpha, dropout, target modules) through `cdm_fast.patch.patch_peft`, causal-LM
               loss on the completion tokens only (prompt tokens labelled -100), AdamW, cosine schedule with
               linear warmup, gradient accumulation, bf16 autocast and `wgrad.deferred` on CUDA only.
@@ -14,13 +15,21 @@ Steps (each a small function; `run(config)` chains them, the CLI only fills the 
               parts, deep rate, logic accuracy of the same greedy completions CDM scored (up to
               `max_new_tokens`), before and after, and for a control LoRA trained with the same steps on the
               same number of examples drawn at random from all collected completions (no CDM filter).
-              Differences come with paired bootstrap 95% intervals over prompts (numpy, seeded).
+              Shallow skills, same three models: perplexity on the held-out free-text passages and greedy
+              accuracy on eval-split problems of the reasoning-gym tasks outside the training mix
+              (`logic.OUTSIDE_MIX_TASKS`). Differences come with paired bootstrap 95% intervals over prompts
+              (or passages; numpy, seeded).
 4. report   — report.json / report.md / cdm_hist.png / loss.png, built from metrics.jsonl.
 
-CPU defaults are small (16 train prompts, 8 eval prompts, 32 new tokens) so that
+Scale-out: under `torchrun --nproc-per-node N` (`cdm_fast.distill.distributed`) scoring, evaluation and
+perplexity are sharded over the ranks and gathered in order, the LoRA trains under DistributedDataParallel
+(each rank its own micro-batches of the global batch: batch_size × grad_accum × N examples a step, loss
+normalised by the global completion-token count, so N processes step exactly as one process with N times
+the accumulation), and rank 0 alone writes. `wgrad.deferred` is used on CUDA in single-process runs only.
+
+CPU defaults are small (16 train + 4 free-text prompts, 8 eval prompts, 32 new tokens) so that
 `cdm-fast lora-distill --max-steps 4` finishes in minutes on 2 cores; the issue's full setting is
-`--num-prompts 256`. Not yet: torchrun/DDP scale-out, the free-text set, the shallow-skill rows
-(perplexity on free text, accuracy on tasks outside the mix), several seeds.
+`--num-prompts 256 --num-free-text 64`.
 """
 
 from __future__ import annotations
@@ -41,7 +50,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cdm_fast import cdm, logic, models
+from cdm_fast import cdm, freetext, logic, models
+from cdm_fast.distill import distributed
+from cdm_fast.distill.distributed import SINGLE_PROCESS, Context
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CHECKPOINT = "checkpoint.pt"
@@ -53,7 +64,10 @@ class LoraDistillConfig:
     model: str = models.EMBEDDED_NAME
     out: str = "runs/lora-distill"
     num_prompts: int = 16  # train-split prompts to collect from (issue default 256; 16 keeps CPU runs short)
+    num_free_text: int = 4  # free-text prompts collected beside the logic ones
     num_eval_prompts: int = 8
+    num_shallow_prompts: int = 2  # eval problems per task outside the mix (shallow-skill accuracy)
+    perplexity_max_length: int = 256  # tokens per held-out free-text passage
     max_new_tokens: int = 32
     threshold: float = cdm.DEFAULT_THRESHOLD
     top_fraction: float | None = None
@@ -109,12 +123,17 @@ def validate(config: LoraDistillConfig) -> None:
         "n_bootstrap",
     ):
         positive(name)
-    if (
-        isinstance(config.min_examples, bool)
-        or not isinstance(config.min_examples, int)
-        or config.min_examples < 0
-    ):
-        raise ValueError(f"min_examples: expected an int >= 0, got {config.min_examples!r}")
+    positive("perplexity_max_length")
+    for name in ("min_examples", "num_free_text", "num_shallow_prompts"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
+    available = freetext.num_prompts("train")
+    if config.num_free_text > available:
+        raise ValueError(
+            f"num_free_text: expected at most {available} (the free-text train prompts), "
+            f"got {config.num_free_text}"
+        )
     if not isinstance(config.threshold, (int, float)) or not 0.0 <= config.threshold <= 100.0:
         raise ValueError(f"threshold: expected a number in [0, 100], got {config.threshold!r}")
     if config.top_fraction is not None and not 0.0 < config.top_fraction <= 1.0:
@@ -161,19 +180,28 @@ def problems_for(split: str, n: int, seed: int) -> list[logic.Problem]:
     return [task[i] for i in range(per_task) for task in by_task][:n]
 
 
-def score_prompts(model, tokenizer, prompts: list[str], config: LoraDistillConfig) -> list[cdm.CDMResult]:
-    """`cdm.score` in prompt order; batched by length (less padding; CDM does not depend on the batch)."""
+def score_prompts(
+    model, tokenizer, prompts: list[str], config: LoraDistillConfig, context: Context = SINGLE_PROCESS
+) -> list[cdm.CDMResult]:
+    """`cdm.score` in prompt order; batched by length (less padding; CDM does not depend on the batch),
+    the prompts sharded over the ranks."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    results = cdm.score(
-        model,
-        tokenizer,
-        [prompts[i] for i in order],
-        max_new_tokens=config.max_new_tokens,
-        seed=config.seed,
-        noise_samples=config.noise_samples,
-        batch_size=config.score_batch_size,
-        progress=config.progress,
+    mine = distributed.shard(order, context)
+    local = (
+        cdm.score(
+            model,
+            tokenizer,
+            [prompts[i] for i in mine],
+            max_new_tokens=config.max_new_tokens,
+            seed=config.seed,
+            noise_samples=config.noise_samples,
+            batch_size=config.score_batch_size,
+            progress=config.progress and context.is_main,
+        )
+        if mine
+        else []
     )
+    results = distributed.gather(local, len(order), context)
     by_prompt = [None] * len(prompts)
     for position, index in enumerate(order):
         by_prompt[index] = results[position]
@@ -208,28 +236,41 @@ def describe(records: list[dict], kept: list[dict], cut: float, min_examples: in
     return text
 
 
-def collect(model, tokenizer, config: LoraDistillConfig) -> tuple[list[dict], list[dict], float]:
-    """All scored train-split records, those kept, and the CDM cut. Writes nothing."""
+def _record(result: cdm.CDMResult, **fields) -> dict:
+    """One dataset.jsonl row: prompt, completion, CDM and its parts, plus `fields`."""
+    parts = {
+        "entropy_collapse": result.entropy_collapse,
+        "attention_sparsity": result.attention_sparsity,
+        "basin_resistance": result.basin_resistance,
+    }
+    return {
+        "prompt": result.prompt,
+        "completion": result.completion,
+        "cdm": result.cdm,
+        "parts": parts,
+        **fields,
+    }
+
+
+def collect(
+    model, tokenizer, config: LoraDistillConfig, context: Context = SINGLE_PROCESS
+) -> tuple[list[dict], list[dict], float]:
+    """All scored train-split records (logic, then free text), those kept, and the CDM cut. Writes nothing."""
     problems = problems_for("train", config.num_prompts, config.seed)
-    results = score_prompts(model, tokenizer, [p.prompt() for p in problems], config)
+    free_prompts = freetext.prompts("train", config.num_free_text)
+    results = score_prompts(model, tokenizer, [p.prompt() for p in problems] + free_prompts, config, context)
+    logic_results, free_results = results[: len(problems)], results[len(problems) :]
     records = [
-        {
-            "prompt": r.prompt,
-            "completion": r.completion,
-            "cdm": r.cdm,
-            "parts": {
-                "entropy_collapse": r.entropy_collapse,
-                "attention_sparsity": r.attention_sparsity,
-                "basin_resistance": r.basin_resistance,
-            },
-            "task": p.task,
-            "index": p.index,
-            "correct": logic.check(p, r.completion) == 1.0,
-        }
-        for p, r in zip(problems, results, strict=True)
+        _record(r, kind="logic", task=p.task, index=p.index, correct=logic.check(p, r.completion) == 1.0)
+        for p, r in zip(problems, logic_results, strict=True)
+    ] + [
+        _record(r, kind="free_text", task="free_text", index=index, correct=None)
+        for index, r in enumerate(free_results)
     ]
     kept, cut = select(records, config.threshold, config.top_fraction)
-    print(describe(records, kept, cut, config.min_examples))
+    text = describe(records, kept, cut, config.min_examples)
+    if context.is_main:
+        print(text)
     if not kept:
         values = [r["cdm"] for r in records]
         raise ValueError(
@@ -371,12 +412,15 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[int, int]:
 
 
 class Metrics:
-    """metrics.jsonl: one JSON object a line, flushed as written."""
+    """metrics.jsonl: one JSON object a line, flushed as written (by rank 0 only: `enabled`)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, enabled: bool = True):
         self.path = path
+        self.enabled = enabled
 
     def write(self, **record) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a", encoding="utf-8") as lines:
             lines.write(json.dumps(record, default=float) + "\n")
 
@@ -388,6 +432,8 @@ class Metrics:
         ]
 
     def keep(self, predicate) -> None:
+        if not self.enabled:
+            return
         records = [r for r in self.read() if predicate(r)]
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
@@ -400,23 +446,46 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _deferral(device: torch.device):
-    if device.type == "cuda":
+def _deferral(device: torch.device, context: Context):
+    # The deferred weight-gradient GEMMs would run after DDP's reducer hooks have fired: single process only.
+    if device.type == "cuda" and not context.distributed:
         from cdm_fast import wgrad
 
         return wgrad.deferred()
     return contextlib.nullcontext()
 
 
-def train(model, tokenizer, records: list[dict], config: LoraDistillConfig, out: Path, name: str, metrics):
-    """Train a fresh LoRA on `records` in place of `model`'s adapters; returns the PeftModel (patched)."""
+def train(
+    model,
+    tokenizer,
+    records: list[dict],
+    config: LoraDistillConfig,
+    out: Path,
+    name: str,
+    metrics,
+    context: Context = SINGLE_PROCESS,
+):
+    """Train a fresh LoRA on `records` in place of `model`'s adapters; returns the PeftModel (patched).
+
+    A step takes batch_size × grad_accum × world_size examples from the global data position: micro-batch
+    i of rank r starts at position + (i · world_size + r) · batch_size, so the examples a step sees do not
+    depend on how they are spread over processes.
+    """
     from cdm_fast.patch import patch_peft
 
     torch.manual_seed(config.seed)
     peft_model = lora_model(model, config)
     report = patch_peft(peft_model)
-    print(report)
+    if context.is_main:
+        print(report)
     device = next(peft_model.parameters()).device
+    trained = peft_model
+    if context.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(
+            peft_model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     examples = [encode_example(tokenizer, r["prompt"], r["completion"], config.max_length) for r in records]
     optimizer, scheduler = make_optimizer(peft_model, config)
@@ -424,12 +493,23 @@ def train(model, tokenizer, records: list[dict], config: LoraDistillConfig, out:
     checkpoint = out / f"checkpoint_{name}" / CHECKPOINT
     if config.resume and checkpoint.exists():
         step, position = load_checkpoint(checkpoint, peft_model, optimizer, scheduler)
-        print(f"{name}: resumed at step {step} (data position {position}) from {checkpoint}")
-    per_step = config.batch_size * config.grad_accum
+        if context.is_main:
+            print(f"{name}: resumed at step {step} (data position {position}) from {checkpoint}")
+    per_step = config.batch_size * config.grad_accum * context.world_size
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
     peft_model.train()
     bar = tqdm(
-        total=config.max_steps, initial=step, desc=f"train {name}", unit="step", disable=not config.progress
+        total=config.max_steps,
+        initial=step,
+        desc=f"train {name}",
+        unit="step",
+        disable=not (config.progress and context.is_main),
     )
+
+    def save() -> None:
+        if context.is_main:
+            save_checkpoint(checkpoint, peft_model, optimizer, scheduler, step, position)
+
     try:
         while step < config.max_steps:
             if config.interrupt_after is not None and step >= config.interrupt_after:
@@ -437,34 +517,42 @@ def train(model, tokenizer, records: list[dict], config: LoraDistillConfig, out:
             start = time.perf_counter()
             batches = [
                 collate(
-                    micro_batch(examples, position + i * config.batch_size, config.batch_size, config.seed),
+                    micro_batch(
+                        examples,
+                        position + (i * context.world_size + context.rank) * config.batch_size,
+                        config.batch_size,
+                        config.seed,
+                    ),
                     pad_id,
                 )
                 for i in range(config.grad_accum)
             ]
-            n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-            total = 0.0
-            with _deferral(device):
-                for batch in batches:
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                    with _autocast(device):
-                        loss_sum, _ = completion_loss_sum(peft_model, batch)
-                    (loss_sum / max(1, n_tokens)).backward()
-                    total += float(loss_sum.detach())
-            grad_norm = float(
-                torch.nn.utils.clip_grad_norm_(
-                    [p for p in peft_model.parameters() if p.requires_grad], config.max_grad_norm
-                )
+            # Every rank divides by the global completion-token count; DDP's gradient mean over the ranks is
+            # undone by the world_size factor, so the gradient is that of the whole step's token mean.
+            n_tokens = distributed.all_sum(
+                sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches), context
             )
+            total = 0.0
+            with _deferral(device, context):
+                for i, batch in enumerate(batches):
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    last = i == len(batches) - 1
+                    sync = contextlib.nullcontext() if last or not context.distributed else trained.no_sync()
+                    with sync:
+                        with _autocast(device):
+                            loss_sum, _ = completion_loss_sum(trained, batch)
+                        (loss_sum * context.world_size / max(1, n_tokens)).backward()
+                    total += float(loss_sum.detach())
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm))
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             position += per_step
+            loss = distributed.all_sum(total, context) / max(1, n_tokens)
+            all_tokens = distributed.all_sum(sum(int(b["attention_mask"].sum()) for b in batches), context)
             elapsed = time.perf_counter() - start
-            loss = total / max(1, n_tokens)
-            all_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
             metrics.write(
                 event="train",
                 run=name,
@@ -475,14 +563,16 @@ def train(model, tokenizer, records: list[dict], config: LoraDistillConfig, out:
                 completion_tokens=n_tokens,
                 tokens_per_s=all_tokens / elapsed,
                 seconds=elapsed,
+                world_size=context.world_size,
             )
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{all_tokens / elapsed:.0f}")
             bar.update(1)
             if step % config.checkpoint_every == 0 or step == config.max_steps:
-                save_checkpoint(checkpoint, peft_model, optimizer, scheduler, step, position)
+                save()
     except KeyboardInterrupt:
-        save_checkpoint(checkpoint, peft_model, optimizer, scheduler, step, position)
-        print(f"\ninterrupted: {name} checkpoint at step {step} in {checkpoint}; continue with --resume")
+        save()
+        if context.is_main:
+            print(f"\ninterrupted: {name} checkpoint at step {step} in {checkpoint}; continue with --resume")
         raise
     finally:
         bar.close()
@@ -493,9 +583,18 @@ def train(model, tokenizer, records: list[dict], config: LoraDistillConfig, out:
 # --------------------------------------------------------------------------------------------- evaluate
 
 
-def evaluate(model, tokenizer, problems: list[logic.Problem], config: LoraDistillConfig, name: str, metrics):
-    """CDM, parts, deep flag and logic correctness per eval prompt, written to metrics as one record."""
-    results = score_prompts(model, tokenizer, [p.prompt() for p in problems], config)
+def evaluate(
+    model,
+    tokenizer,
+    problems: list[logic.Problem],
+    config: LoraDistillConfig,
+    name: str,
+    metrics,
+    context: Context = SINGLE_PROCESS,
+):
+    """CDM, parts, deep flag and logic correctness per eval prompt, written to metrics as one record, then
+    the shallow-skill record (`evaluate_shallow`)."""
+    results = score_prompts(model, tokenizer, [p.prompt() for p in problems], config, context)
     summary = cdm.summarize(
         results, threshold=config.threshold, n_bootstrap=config.n_bootstrap, seed=config.seed
     )
@@ -510,11 +609,67 @@ def evaluate(model, tokenizer, problems: list[logic.Problem], config: LoraDistil
         correct=correct,
         completions=[r.completion for r in results],
     )
-    print(
-        f"eval {name}: CDM {summary['cdm_mean']:.2f}, deep rate {summary['deep_rate']:.3f}, "
-        f"accuracy {np.mean(correct):.3f} (n={len(results)})"
-    )
+    shallow = evaluate_shallow(model, tokenizer, config, name, metrics, context)
+    if context.is_main:
+        print(
+            f"eval {name}: CDM {summary['cdm_mean']:.2f}, deep rate {summary['deep_rate']:.3f}, "
+            f"accuracy {np.mean(correct):.3f} (n={len(results)}); free-text perplexity "
+            f"{shallow['perplexity']:.2f}, outside-mix accuracy {shallow['accuracy']:.3f}"
+        )
     return results
+
+
+def shallow_problems(config: LoraDistillConfig) -> list[logic.Problem]:
+    if config.num_shallow_prompts == 0:
+        return []
+    return logic.generate(
+        config.num_shallow_prompts, seed=config.seed, tasks=logic.OUTSIDE_MIX_TASKS, split="eval"
+    )
+
+
+def evaluate_shallow(
+    model, tokenizer, config: LoraDistillConfig, name: str, metrics, context: Context
+) -> dict:
+    """Perplexity on the held-out free-text passages and greedy accuracy on the tasks outside the mix."""
+    passages = freetext.passages("eval")
+    mine = distributed.shard(passages, context)
+    local = (
+        freetext.perplexity(model, tokenizer, mine, max_length=config.perplexity_max_length)
+        if mine
+        else {"nll_sums": [], "token_counts": []}
+    )
+    sums = distributed.gather(local["nll_sums"], len(passages), context)
+    counts = distributed.gather(local["token_counts"], len(passages), context)
+    nll = sum(sums) / max(1, sum(counts))
+    problems = shallow_problems(config)
+    mine = distributed.shard(problems, context)
+    scores = (
+        [
+            float(r["score"] == 1.0)
+            for r in logic.evaluate(
+                model,
+                tokenizer,
+                mine,
+                batch_size=config.score_batch_size,
+                max_new_tokens=config.max_new_tokens,
+                progress=False,
+            )["results"]
+        ]
+        if mine
+        else []
+    )
+    correct = distributed.gather(scores, len(problems), context)
+    record = {
+        "perplexity": math.exp(nll),
+        "nll": nll,
+        "nll_per_passage": [s / max(1, c) for s, c in zip(sums, counts, strict=True)],
+        "tokens": sum(counts),
+        "accuracy": float(np.mean(correct)) if correct else float("nan"),
+        "tasks": [p.task for p in problems],
+        "correct": correct,
+    }
+    metrics.write(event="shallow", run=name, **record)
+    return record
 
 
 def bootstrap_diff(a: list[float], b: list[float], n_bootstrap: int, seed: int) -> dict:
@@ -538,6 +693,7 @@ def build_report(out: Path, config: LoraDistillConfig, extra: dict) -> dict:
 
     records = Metrics(out / "metrics.jsonl").read()
     evals = {r["run"]: r for r in records if r["event"] == "eval"}
+    shallow = {r["run"]: r for r in records if r["event"] == "shallow"}
     collected = next(r for r in records if r["event"] == "collect")
     losses = {name: [r for r in records if r["event"] == "train" and r["run"] == name] for name in RUNS}
     runs = {}
@@ -551,6 +707,9 @@ def build_report(out: Path, config: LoraDistillConfig, extra: dict) -> dict:
             "deep_rate": record["summary"]["deep_rate"],
             "accuracy": record["accuracy"],
         }
+        if name in shallow:
+            runs[name]["free_text_perplexity"] = shallow[name]["perplexity"]
+            runs[name]["outside_mix_accuracy"] = shallow[name]["accuracy"]
     differences = {}
     pairs = [("before", "distill"), ("before", "control"), ("control", "distill")]
     for a, b in pairs:
@@ -559,6 +718,15 @@ def build_report(out: Path, config: LoraDistillConfig, extra: dict) -> dict:
                 key: bootstrap_diff(evals[a][key], evals[b][key], config.n_bootstrap, config.seed)
                 for key in ("cdm", "deep", "correct")
             }
+            if a in shallow and b in shallow:
+                for key, field_name in (
+                    ("nll_per_passage", "free_text_nll"),
+                    ("correct", "outside_mix_correct"),
+                ):
+                    if shallow[a][key]:
+                        differences[f"{b} - {a}"][field_name] = bootstrap_diff(
+                            shallow[a][key], shallow[b][key], config.n_bootstrap, config.seed
+                        )
     report = {
         "config": asdict(config),
         "versions": {
@@ -572,6 +740,12 @@ def build_report(out: Path, config: LoraDistillConfig, extra: dict) -> dict:
         "eval": runs,
         "differences": differences,
         "final_loss": {name: rows[-1]["loss"] for name, rows in losses.items() if rows},
+        "shallow": {
+            "free_text": f"{len(freetext.passages('eval'))} held-out passages of "
+            f"{freetext.source_path().name} (reasoning-gym package data), "
+            f"at most {config.perplexity_max_length} tokens each",
+            "outside_mix_tasks": list(logic.OUTSIDE_MIX_TASKS),
+        },
         "eval_prompt_format": "fewshot",
         "answer_extraction": "cdm_fast.logic.check on the CDM-scored completion",
         **extra,
@@ -622,13 +796,31 @@ def format_markdown(report: dict) -> str:
                 f"{key} {v['mean']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]" for key, v in d.items()
             ),
         ]
+    if "free_text_perplexity" in before:
+        lines += [
+            "",
+            "Shallow skills (the seed claims the adapter preserves or improves them): perplexity on "
+            f"{report['shallow']['free_text']}; greedy accuracy on eval-split problems of "
+            f"{', '.join(report['shallow']['outside_mix_tasks'])} (outside the training mix).",
+            "",
+            "| run | free-text perplexity before → after | Δ NLL/token [95% CI] "
+            "| outside-mix accuracy before → after | Δ accuracy [95% CI] |",
+            "|---|---|---|---|---|",
+        ]
+        for name, label in (("distill", "CDM-filtered"), ("control", "control (random)")):
+            if name in runs:
+                lines.append(
+                    f"| {label} | {arrow(name, 'free_text_perplexity', '.2f')} "
+                    f"| {delta(name, 'free_text_nll')} "
+                    f"| {arrow(name, 'outside_mix_accuracy', '.3f')} | {delta(name, 'outside_mix_correct')} |"
+                )
     c = report["collect"]
     lines += [
         "",
-        f"Collected {c['n']} train-split completions, CDM mean {c['cdm_mean']:.2f}; "
-        f"kept {c['kept']} with CDM ≥ "
-        f"{c['cut']:.2f}. Wall time {report['wall_time_s']:.0f} s on {report['device']}.",
-        "Not measured yet: shallow-skill rows (free-text perplexity, tasks outside the mix), several seeds.",
+        f"Collected {c['n']} train-split completions ({c.get('n_free_text', 0)} of them free text), CDM mean "
+        f"{c['cdm_mean']:.2f}; kept {c['kept']} with CDM ≥ {c['cut']:.2f}. "
+        f"Wall time {report['wall_time_s']:.0f} s on {report['device']} × {report.get('world_size', 1)} "
+        "process(es). One seed: run several with different --seed values to see the seed-to-seed spread.",
         "",
     ]
     return "\n".join(lines)
@@ -703,85 +895,111 @@ def _unwrap(peft_model):
 
 
 def run(config: LoraDistillConfig, model=None, tokenizer=None) -> dict:
-    """The whole loop; returns the report.
+    """The whole loop; returns the report (on every rank).
 
-    `model`/`tokenizer` (optional, for tests and notebooks) replace `models.load(config.model)`.
+    `model`/`tokenizer` (optional, for tests and notebooks) replace `models.load(config.model)`. Under
+    torchrun (WORLD_SIZE > 1) the process group is joined here and left at the end.
     """
     validate(config)
     out = prepare_out(config)
     started = time.perf_counter()
+    joined = distributed.launched() and not torch.distributed.is_initialized()
+    context = distributed.setup(None if model is None else next(model.parameters()).device)
+    try:
+        return _run(config, out, started, context, model, tokenizer)
+    finally:
+        if joined:
+            distributed.shutdown()
+
+
+def _run(config: LoraDistillConfig, out: Path, started: float, context: Context, model, tokenizer) -> dict:
     if model is None:
-        model, tokenizer = models.load(config.model)
+        model, tokenizer = models.load(config.model, device=context.device)
     check_targets(model, config.target_modules)
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    metrics = Metrics(out / "metrics.jsonl")
+    metrics = Metrics(out / "metrics.jsonl", enabled=context.is_main)
     if config.resume:
         rows = [json.loads(line) for line in (out / "dataset.jsonl").read_text(encoding="utf-8").splitlines()]
-        records, kept = rows, [r for r in rows if r["kept"]]
+        records = rows
         steps = {}
         for name in RUNS:
             ckpt = out / f"checkpoint_{name}" / CHECKPOINT
             steps[name] = torch.load(ckpt, weights_only=False)["step"] if ckpt.exists() else 0
+        distributed.barrier(context)  # every rank has read the steps before rank 0 rewrites metrics
         metrics.keep(
             lambda r: r["event"] == "collect" or (r["event"] == "train" and r["step"] <= steps[r["run"]])
         )
-        print(f"resuming {out}: {len(kept)} kept examples, checkpoints at {steps}")
+        if context.is_main:
+            print(f"resuming {out}: {sum(r['kept'] for r in rows)} kept examples, checkpoints at {steps}")
     else:
-        records, kept, cut = collect(model, tokenizer, config)
-        if out.exists() and config.overwrite:
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
+        records, kept, cut = collect(model, tokenizer, config, context)
         kept_ids = {id(r) for r in kept}
         for r in records:
             r["kept"] = id(r) in kept_ids
-        _write_jsonl(out / "dataset.jsonl", records)
+        if context.is_main:
+            if out.exists() and config.overwrite:
+                shutil.rmtree(out)
+            out.mkdir(parents=True, exist_ok=True)
+            _write_jsonl(out / "dataset.jsonl", records)
         values = [r["cdm"] for r in records]
         metrics.write(
             event="collect",
             n=len(records),
+            n_free_text=sum(r["kind"] == "free_text" for r in records),
             kept=len(kept),
             cut=cut,
             cdm_mean=float(np.mean(values)),
             cdm=values,
             num_eval_prompts=config.num_eval_prompts,
         )
-    (out / "config.json").write_text(json.dumps(asdict(config), indent=2), encoding="utf-8")
+    if context.is_main:
+        (out / "config.json").write_text(json.dumps(asdict(config), indent=2), encoding="utf-8")
     kept = [r for r in records if r["kept"]]
     eval_problems = problems_for("eval", config.num_eval_prompts, config.seed)
-    evaluate(model, tokenizer, eval_problems, config, "before", metrics)
+    evaluate(model, tokenizer, eval_problems, config, "before", metrics, context)
 
-    peft_model = train(model, tokenizer, kept, config, out, "distill", metrics)
-    evaluate(peft_model, tokenizer, eval_problems, config, "distill", metrics)
-    tmp = out / "adapter.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(tmp)
-    shutil.rmtree(out / "adapter", ignore_errors=True)
-    os.replace(tmp, out / "adapter")
+    peft_model = train(model, tokenizer, kept, config, out, "distill", metrics, context)
+    evaluate(peft_model, tokenizer, eval_problems, config, "distill", metrics, context)
+    if context.is_main:
+        _save_adapter(peft_model, out / "adapter")
     model = _unwrap(peft_model)
     if config.control:
         random_records = control_examples(records, len(kept), config.seed)
-        _write_jsonl(out / "control_dataset.jsonl", random_records)
-        control = train(model, tokenizer, random_records, config, out, "control", metrics)
-        evaluate(control, tokenizer, eval_problems, config, "control", metrics)
-        shutil.rmtree(out / "control_adapter", ignore_errors=True)
-        control.save_pretrained(out / "control_adapter")
+        if context.is_main:
+            _write_jsonl(out / "control_dataset.jsonl", random_records)
+        control = train(model, tokenizer, random_records, config, out, "control", metrics, context)
+        evaluate(control, tokenizer, eval_problems, config, "control", metrics, context)
+        if context.is_main:
+            _save_adapter(control, out / "control_adapter")
         model = _unwrap(control)
 
     extra = {
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "world_size": context.world_size,
         "wall_time_s": time.perf_counter() - started,
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "peak_rss_bytes": _peak_rss(),
     }
-    report = build_report(out, config, extra)
-    plot(out, config.threshold)
-    print((out / "report.md").read_text(encoding="utf-8"))
-    print(
-        f"wrote {out}/: adapter/, dataset.jsonl, config.json, metrics.jsonl, report.json, report.md, "
-        "cdm_hist.png, loss.png"
-    )
-    return report
+    report = None
+    if context.is_main:
+        report = build_report(out, config, extra)
+        plot(out, config.threshold)
+        print((out / "report.md").read_text(encoding="utf-8"))
+        print(
+            f"wrote {out}/: adapter/, dataset.jsonl, config.json, metrics.jsonl, report.json, report.md, "
+            "cdm_hist.png, loss.png"
+        )
+    return distributed.broadcast(report, context)
+
+
+def _save_adapter(peft_model, path: Path) -> None:
+    """A standard peft adapter folder, replaced atomically (written beside it, then renamed)."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    peft_model.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
