@@ -20,6 +20,7 @@ BENCHES = {
     "lora": "bench.lora",
     "wgrad": "bench.wgrad",
     "attention": "bench.attention",
+    "lora_distill": "bench.lora_distill",
 }
 
 
