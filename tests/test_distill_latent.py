@@ -396,3 +396,91 @@ def test_lora_student_changes_only_lora_and_projector_params(tiny, tmp_path):
     assert (tmp_path / "lora" / "student" / "config.json").is_file()
     setup = json.loads((tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()[0])
     assert "patched" in setup["patch_peft"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, cache_config, distill_config) -> None:
+    import os
+
+    from cdm_fast.distill import distributed
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
+    try:
+        latents.run(cache_config)
+        report = latent.run(distill_config)
+        assert report["steps"] == distill_config.max_steps  # every rank gets rank 0's report
+    finally:
+        distributed.shutdown()
+
+
+def test_two_process_gloo_run_equals_one_process_with_the_same_global_batch(tiny, tmp_path):
+    import torch.multiprocessing as mp
+
+    cache_config = latents.CacheLatentsConfig(
+        teacher=tiny["teacher"],
+        out=str(tmp_path / "cache2"),
+        data=tiny["data"],
+        layers=(1, 2, 3),
+        batch_size=1,
+        shard_sequences=2,  # 6 shards: ranks 0 and 1 write 3 each
+        progress=False,
+    )
+    # 9 training sequences in global batches of 4: steps see 4, 4 and 1 rows (rank 1 has none in step 3).
+    distill_config = _distill_config(
+        tiny, tmp_path / "two", cache=cache_config.out, batch_size=4, max_steps=3, eval_freetext_passages=1
+    )
+    mp.spawn(_ddp_worker, args=(2, _free_port(), cache_config, distill_config), nprocs=2, join=True)
+
+    two, one = tmp_path / "two", tmp_path / "one"
+    for name in ("report.json", "report.md", "metrics.jsonl", "checkpoint.pt", "loss.png"):
+        assert (two / name).is_file(), name
+    single_cache = latents.run(replace(cache_config, out=str(tmp_path / "cache1")))
+    a, b = latents.LatentReader(cache_config.out), latents.LatentReader(single_cache)
+    assert a.manifest["shards"] == b.manifest["shards"] and len(a.manifest["shards"]) == 6
+    for (ids_a, rows_a), (ids_b, rows_b) in zip(a.sequences(), b.sequences(), strict=True):
+        assert torch.equal(ids_a, ids_b) and all(torch.equal(rows_a[k], rows_b[k]) for k in rows_a)
+
+    latent.run(replace(distill_config, out=str(one)))
+    state_two = torch.load(two / "checkpoint.pt", weights_only=False)
+    state_one = torch.load(one / "checkpoint.pt", weights_only=False)
+    start = latent.build_student(distill_config, _teacher_config(tiny), None).state_dict()
+    for part in ("student", "projectors"):
+        for key, value in state_one[part].items():
+            # fp32 summation order differs (per-rank sums + all-reduce); AdamW's first steps move each
+            # weight by about lr = 1e-3, so 1e-5 is a hundredth of a step.
+            assert torch.allclose(state_two[part][key], value, rtol=1e-4, atol=1e-5), (part, key)
+    moved = max(
+        (state_one["student"][k] - start[k]).abs().max()
+        for k in start
+        if "embed" not in k and "lm_head" not in k
+    )
+    assert moved > 1e-4  # the comparison is not between two untrained students
+    rows = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    rows_one = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["world_size"] == 2 and rows_one[0]["world_size"] == 1
+    train_two = [r for r in rows if r["event"] == "train"]
+    train_one = [r for r in rows_one if r["event"] == "train"]
+    assert [sorted(r) for r in train_two] == [sorted(r) for r in train_one]
+    for r2, r1 in zip(train_two, train_one, strict=True):
+        assert r2["tokens"] == r1["tokens"]
+        for key in ("loss", "ce", "mse"):
+            assert r2[key] == pytest.approx(r1[key], rel=1e-5), key
+
+
+def _teacher_config(tiny):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(tiny["teacher"])
