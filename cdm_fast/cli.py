@@ -270,7 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     latent_distill.add_argument("--data", help="JSONL with 'text' for a cache built here")
     latent_distill.add_argument("--cache-layers", help="teacher layers for a cache built here, e.g. 5,10,15")
     latent_distill.add_argument("--cache-dtype", choices=("fp8", "bf16"), default="fp8")
-    latent_distill.add_argument("--student", help="student config folder (default: Llama 192x6)")
+    latent_distill.add_argument(
+        "--student", help="student HF folder, pretrained or config only (default: Llama 192x6)"
+    )
     latent_distill.add_argument(
         "--student-init", choices=("projection", "truncation", "random"), default="projection"
     )

@@ -19,7 +19,8 @@ runs keep it away in practice, and the report shows the MSE and CE terms apart.
 Student: full fine-tune (default) or, with `student_lora_rank` R > 0, a peft LoRA (rank R, alpha
 `student_lora_alpha`, default 2R) on every Linear of the blocks, run through `cdm_fast.patch.patch_peft`
 (the fused lora op); the projectors always train in full. `student` may be a pretrained HF folder (its
-weights are loaded) or a folder with only a config.json (built from it).
+weights are loaded) or a folder with only a config.json (built from it). Saved: `student/` (the full model,
+LoRA merged in, + `projectors.pt`) and, for LoRA, `adapter/` (a standard peft adapter folder).
 
 Student (default): a Llama with d=192, 6 layers, 3 heads, 1 kv head, intermediate 512, the teacher's
 vocabulary and special tokens, tied embeddings. Its embedding matrix is initialised from the teacher's by a
