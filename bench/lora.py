@@ -228,7 +228,8 @@ def cdm_op(case: Case, weights: Weights, *, backend: str | None) -> Layer:
 
 
 def cdm_kernel_strategy(case: Case, weights: Weights, *, strategy: str) -> Layer:
-    """The Triton forward kernel with `strategy`: u in the base GEMM's mainloop, or a separate pass."""
+    """The Triton forward kernel with `strategy`: u in the base GEMM's mainloop, a separate pass, or the
+    split-K decode kernel."""
     try:
         from cdm_fast.kernels import lora as kernels
     except ImportError as error:
@@ -438,10 +439,20 @@ PEERS_4BIT: dict[str, Callable[[Case, Weights], Layer]] = {
     "peft-bnb-compiled": peft_compiled,
     BNB_FLOOR: bnb_4bit_base,
 }
+# The N-only decode grid ("mainloop") beside the split-K one: the pair shows what splitting K buys.
 PEERS_DECODE = {
     name: PEERS[name]
-    for name in ("cdm-auto", "cdm-torch", "cdm-triton", "cdm-cuda", BASELINE, "unsloth-addmm", FLOOR)
-}
+    for name in (
+        "cdm-auto",
+        "cdm-torch",
+        "cdm-triton",
+        "cdm-cuda",
+        "cdm-triton-mainloop",
+        BASELINE,
+        "unsloth-addmm",
+        FLOOR,
+    )
+} | {"cdm-triton-splitk": functools.partial(cdm_kernel_strategy, strategy="splitk")}
 PEERS_DECODE_4BIT = {
     name: PEERS_4BIT[name]
     for name in ("cdm-auto", "cdm-torch", "cdm-triton", "cdm-cuda", PEFT_BNB, BNB_FLOOR)

@@ -13,6 +13,11 @@ Which is cheaper is a roofline question: "mainloop" repeats 2·M·K·r FLOPs (an
 hashing) in each of the N/BLOCK_N - 1 other tiles; "separate" reads a once more, M·K·2 bytes. On an H100
 (989 TFLOP/s bf16, 3.35 TB/s) the repeat costs more once r·(N/BLOCK_N - 1) exceeds ~300: "separate" wins
 at 4096 outputs and r = 32, "mainloop" at narrow outputs and decode-sized N. `choose_strategy` encodes it.
+Decode (M ≤ DECODE_MAX_TOKENS) is a GEMV: the weight stream is the whole cost, and N/BLOCK_N programs cannot
+draw DRAM bandwidth on 132 SMs. "splitk" (`_lora_splitk_kernel`, forward only) also splits K over a grid axis:
+each program reduces its K slice of x @ Wᵀ and of u = dropout(x) @ lora_Aᵀ, adds scaling · u_s @ lora_Bᵀ
+(correct by linearity) and atomically adds its fp32 partial into y (and, in the N tile 0, u_s into u).
+`splitk_factor` sizes the split and `prefers_splitk` is the dispatch rule.
 The weight gradients are split-M reductions, `lora_weight_grad`:
     d lora_A = scaling/(1-p) · vᵀ @ (keep ⊙ x)     d lora_B = scaling · dyᵀ @ u
 kept apart from the dgrad so that `cdm_fast.wgrad.deferred` can run them later on a side stream.
@@ -43,12 +48,22 @@ from .common import (
 )
 
 STRATEGIES = ("mainloop", "separate")
-# At most this many tokens take the decode path (`_lora_decode_kernel`).
+# The forward may also split K (`_lora_splitk_kernel`); dgrad never does.
+FORWARD_STRATEGIES = (*STRATEGIES, "splitk")
+# At most this many tokens take the decode path (`_lora_decode_kernel` or `_lora_splitk_kernel`).
 DECODE_MAX_TOKENS = 64
 # The r·(N tiles - 1) above which repeating u's FLOPs in every N tile costs more than re-reading x once:
 # peak bf16 FLOP/s over DRAM bytes/s on an H100 SXM (989e12 / 3.35e12), rounded.
 _MAINLOOP_REPEAT_LIMIT = 300
 _ASSUMED_BLOCK_N = 128
+# Split-K decode (`splitk_factor`): programs per SM that keep enough weight bytes in flight to draw DRAM
+# bandwidth, the (BLOCK_M, BLOCK_N) tile the fill is counted in, the shortest split in granules (the longest
+# BLOCK_K), and the share of the weight's bytes the per-split re-reads of lora_B may add.
+_SPLITK_PROGRAMS_PER_SM = 4
+_SPLITK_BLOCK_M = 16
+_SPLITK_ASSUMED_BLOCK_N = 64
+_SPLITK_MIN_GRANULES = 2
+_SPLITK_B_REREAD_LIMIT = 0.05
 
 
 def _matmul_configs() -> list[triton.Config]:
@@ -257,6 +272,157 @@ _lora_decode_kernel = triton.autotune(
 )(_lora_matmul_kernel.fn)
 
 
+def _splitk_configs() -> list[triton.Config]:
+    # GEMV-shaped: one M tile covers a decode step; the grid's split axis, not BLOCK_N, supplies the programs.
+    # The largest BLOCK_K here is the granule a split's length is a multiple of (`_splitk_granule`).
+    return autotune_configs(
+        [
+            triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk}, num_stages=s, num_warps=w)
+            for bn, bk, s, w in [
+                (32, 256, 4, 4),
+                (64, 128, 4, 4),
+                (64, 256, 3, 4),
+                (128, 64, 4, 4),
+                (128, 128, 3, 8),
+                # A 4-bit base stages ~9-14 B per weight element and fp32 operands 4 B: the tiles that fit
+                # sm_120's 101,376 B per block.
+                (32, 64, 3, 4),
+                (64, 64, 2, 4),
+            ]
+        ],
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_stages=1, num_warps=4),
+    )
+
+
+def _splitk_stage_bytes(meta, args):
+    """One pipeline stage: the x tile, the weight tile and the lora_A tile."""
+    if args.get("WEIGHT_4BIT"):
+        w_bytes = _4BIT_STAGE_BYTES[bool(args.get("DOUBLE_QUANT"))]
+    else:
+        w_bytes = args["w_ptr"].element_size()
+    per_k = (
+        meta["BLOCK_M"] * args["x_ptr"].element_size()
+        + meta["BLOCK_N"] * w_bytes
+        + args["RANK_BLOCK"] * args["lora_A_ptr"].element_size()
+    )
+    return meta["BLOCK_K"] * per_k
+
+
+@triton.autotune(
+    configs=_splitk_configs(),
+    key=["M", "N", "K", "k_per_split", "RANK_BLOCK", "INPUT_DROPOUT", "WEIGHT_4BIT"],
+    prune_configs_by={"early_config_prune": prune_by_shared_memory(_splitk_stage_bytes)},
+    # Every program adds into out and u: timing a config must start from zeros, as the launcher's call does.
+    reset_to_zero=["out_ptr", "u_ptr"],
+)
+@triton.jit
+def _lora_splitk_kernel(
+    x_ptr,
+    w_ptr,
+    w_absmax_ptr,
+    w_code_ptr,
+    w_nested_absmax_ptr,
+    w_nested_code_ptr,
+    w_offset,
+    w_blocksize,
+    w_nested_blocksize,
+    lora_A_ptr,
+    lora_B_ptr,
+    bias_ptr,
+    u_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    rank,
+    k_per_split,
+    scaling,
+    dropout_seed,
+    dropout_threshold,
+    dropout_rescale,
+    stride_x_m,
+    stride_x_k,
+    stride_w_n,
+    stride_w_k,
+    stride_A_r,
+    stride_A_k,
+    stride_B_n,
+    stride_B_r,
+    stride_bias,
+    stride_u_m,
+    stride_u_r,
+    stride_out_m,
+    stride_out_n,
+    RANK_BLOCK: tl.constexpr,
+    INPUT_DROPOUT: tl.constexpr,
+    WEIGHT_4BIT: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """out += x_s @ W_sᵀ + scaling · u_s @ lora_Bᵀ (+ bias on split 0) for one (BLOCK_M, BLOCK_N) tile and
+    one K slice s of k_per_split (a multiple of BLOCK_K); u_s = [keep ⊙] x_s @ A_sᵀ · dropout_rescale.
+
+    y = Σ_s (x_s W_sᵀ + scaling · u_s Bᵀ) by linearity, so each split adds its fp32 partial to out (and the
+    N tile 0 its u_s to u) with atomics. out (M, N) and u (M, r) are fp32 and start at zero.
+    """
+    pid_n, split, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    j = tl.arange(0, RANK_BLOCK)
+    k_first = split * k_per_split
+    k_last = tl.minimum(k_first + k_per_split, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    u_acc = tl.zeros((BLOCK_M, RANK_BLOCK), dtype=tl.float32)
+    for k0 in range(k_first, k_last, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        x = load_tile(x_ptr, m, k, stride_x_m, stride_x_k, M, k_last, 0.0)
+        if WEIGHT_4BIT:
+            w = load_4bit_tile(
+                w_ptr,
+                w_absmax_ptr,
+                w_code_ptr,
+                w_nested_absmax_ptr,
+                w_nested_code_ptr,
+                w_offset,
+                w_blocksize,
+                w_nested_blocksize,
+                k,
+                n,
+                stride_w_k,
+                stride_w_n,
+                k_last,
+                N,
+                DOUBLE_QUANT,
+            )
+            w = cast(w, x_ptr.dtype.element_ty, INTERPRET)
+        else:
+            w = load_tile(w_ptr, k, n, stride_w_k, stride_w_n, k_last, N, 0.0)
+        acc = dot_in_dtype(x, w, acc, INPUT_PRECISION, INTERPRET)
+        # u_s accumulates beside the base product from the same x tile, so x is read once.
+        lora_A = load_tile(lora_A_ptr, k, j, stride_A_k, stride_A_r, k_last, rank, 0.0)
+        if INPUT_DROPOUT:
+            x = tl.where(dropout_keep(dropout_seed, m, k, dropout_threshold), x, tl.zeros_like(x))
+        u_acc = dot_in_dtype(x, lora_A, u_acc, INPUT_PRECISION, INTERPRET)
+    # u_s stays fp32 here (a partial sum: rounding it would round each split's share separately).
+    u_part = u_acc * dropout_rescale
+    lora_B = load_tile(lora_B_ptr, j, n, stride_B_r, stride_B_n, rank, N, 0.0)
+    acc += scaling * dot_in_dtype(u_part, lora_B, tl.zeros_like(acc), INPUT_PRECISION, INTERPRET)
+    if bias_ptr is not None:
+        if split == 0:
+            acc += tl.load(bias_ptr + n * stride_bias, mask=n < N, other=0.0).to(tl.float32)[None, :]
+    # Atomics rather than a (SPLIT_K, M, N) workspace summed afterwards: no second pass over SPLIT_K·M·N
+    # partials, and the adds land in L2, where out's M·N fp32 elements stay resident.
+    out_offsets = m[:, None].to(tl.int64) * stride_out_m + n[None, :].to(tl.int64) * stride_out_n
+    tl.atomic_add(out_ptr + out_offsets, acc, mask=(m[:, None] < M) & (n[None, :] < N), sem="relaxed")
+    if pid_n == 0:
+        u_offsets = m[:, None].to(tl.int64) * stride_u_m + j[None, :].to(tl.int64) * stride_u_r
+        tl.atomic_add(u_ptr + u_offsets, u_part, mask=(m[:, None] < M) & (j[None, :] < rank), sem="relaxed")
+
+
 @triton.autotune(
     configs=autotune_configs(
         [
@@ -389,6 +555,75 @@ def choose_strategy(M: int, N: int, rank: int, dropout_p: float) -> str:
     return "separate"
 
 
+def _splitk_granule() -> int:
+    """The longest BLOCK_K among this session's split-K configs: a split's length is a multiple of it, so
+    that every config's K tiles end at split boundaries."""
+    return max(config.kwargs["BLOCK_K"] for config in _splitk_configs())
+
+
+def splitk_factor(
+    M: int,
+    N: int,
+    K: int,
+    rank: int,
+    *,
+    multiprocessors: int = 132,
+    block_k: int | None = None,
+    weight_element_bytes: float = 2.0,
+    adapter_element_bytes: int = 2,
+) -> int:
+    """How many K slices the split-K decode kernel cuts the reduction into (1: no split).
+
+    Roofline: a decode step streams the weight once, N·K·weight_element_bytes, and does little else, so its
+    time is those bytes over the bandwidth that the programs in flight can draw. The N-only grid has
+    tiles = cdiv(M, 16)·cdiv(N, 64) programs; DRAM bandwidth wants about 4 per SM, so the factor is
+    cdiv(4·multiprocessors, tiles), then clamped:
+      - a split is at least 2·block_k long (block_k: the longest BLOCK_K, the granule of a split's length),
+        so a program's loop outweighs its epilogue, and there are never more splits than K blocks;
+      - every split re-reads lora_B's (N, r) tile for its epilogue: splits·N·r·adapter_element_bytes on top
+        of the weight's N·K·weight_element_bytes. That is negligible when K/splits ≫ r·adapter/weight bytes;
+        splits ≤ 0.05·K·weight_element_bytes / (r·adapter_element_bytes) keeps it under 5% of the weight's
+        bytes (conservative: concurrent splits of one N tile mostly find it in L2).
+    x and lora_A are re-read by every N tile, as on the N-only grid, from L2.
+    E.g. M = 1, N = K = 4096, r = 32, bf16, 132 SMs: 64 tiles want 9 splits, length allows 8, lora_B 6.
+    """
+    block_k = block_k or _splitk_granule()
+    tiles = triton.cdiv(M, _SPLITK_BLOCK_M) * triton.cdiv(N, _SPLITK_ASSUMED_BLOCK_N)
+    wanted = triton.cdiv(_SPLITK_PROGRAMS_PER_SM * multiprocessors, tiles)
+    by_length = K // (_SPLITK_MIN_GRANULES * block_k)
+    by_lora_B = int(_SPLITK_B_REREAD_LIMIT * K * weight_element_bytes / (rank * adapter_element_bytes))
+    return max(1, min(wanted, by_length, by_lora_B))
+
+
+def _weight_element_bytes(weight: torch.Tensor | Weight4bit) -> float:
+    """Bytes the kernels stream per base-weight element: a 4-bit code, or the dense dtype's size."""
+    return 0.5 if isinstance(weight, Weight4bit) else weight.element_size()
+
+
+def prefers_splitk(
+    M: int,
+    N: int,
+    K: int,
+    rank: int,
+    *,
+    multiprocessors: int = 132,
+    weight_element_bytes: float = 2.0,
+    adapter_element_bytes: int = 2,
+) -> bool:
+    """The forward's dispatch rule: split K when the step is a decode (M ≤ DECODE_MAX_TOKENS) and the N-only
+    grid would underfill the device, i.e. `splitk_factor` finds a split worth making (> 1)."""
+    factor = splitk_factor(
+        M,
+        N,
+        K,
+        rank,
+        multiprocessors=multiprocessors,
+        weight_element_bytes=weight_element_bytes,
+        adapter_element_bytes=adapter_element_bytes,
+    )
+    return M <= DECODE_MAX_TOKENS and factor > 1
+
+
 def _dropout_args(dropout_p: float, dropout_seed: int) -> tuple[int, int, float]:
     return dropout_seed, drop_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
 
@@ -510,6 +745,77 @@ def lora_matmul(
     return out, t
 
 
+def lora_splitk(
+    x: torch.Tensor,
+    weight: torch.Tensor | Weight4bit,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    bias: torch.Tensor | None,
+    scaling: float,
+    dropout_p: float,
+    dropout_seed: int,
+    *,
+    split_k: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, u) of the forward with K split over `split_k` slices (None: `splitk_factor`): x (M, K) any strides,
+    weight (N, K) dense or 4-bit, lora_A (r, K) and lora_B (N, r) in x's dtype. y (M, N) and u (M, r) are new,
+    in x's dtype, summed in fp32 and rounded once. On a GPU the splits' atomic adds land in any order, so y
+    and u may differ between runs in the last fp32 bits (the N-only "mainloop" path is bitwise reproducible).
+    """
+    M, K = x.shape
+    N, rank = lora_B.shape
+    block_k = _splitk_granule()
+    if split_k is None:
+        split_k = splitk_factor(
+            M,
+            N,
+            K,
+            rank,
+            multiprocessors=devices.multiprocessor_count(x.device),
+            block_k=block_k,
+            weight_element_bytes=_weight_element_bytes(weight),
+            adapter_element_bytes=x.element_size(),
+        )
+    k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
+    splits = triton.cdiv(K, k_per_split)
+    out = torch.zeros(M, N, dtype=torch.float32, device=x.device)
+    u = torch.zeros(M, rank, dtype=torch.float32, device=x.device)
+    weight_args, weight_strides, weight_flags = _base_weight_args(weight, transpose=False)
+    _lora_splitk_kernel[
+        lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits, triton.cdiv(M, meta["BLOCK_M"]))
+    ](
+        x,
+        *weight_args,
+        lora_A,
+        lora_B,
+        bias,
+        u,
+        out,
+        M,
+        N,
+        K,
+        rank,
+        k_per_split,
+        scaling,
+        *_dropout_args(dropout_p, dropout_seed),
+        *x.stride(),
+        *weight_strides,
+        *lora_A.stride(),
+        *lora_B.stride(),
+        bias.stride(0) if bias is not None else 0,
+        *u.stride(),
+        *out.stride(),
+        RANK_BLOCK=rank_block(rank),
+        INPUT_DROPOUT=dropout_p > 0,
+        **weight_flags,
+        # bitsandbytes rounds the double-quantised scale's product and sum separately: no FMA contraction.
+        enable_fp_fusion=not weight_flags["DOUBLE_QUANT"],
+        INPUT_PRECISION=_input_precision(x.dtype),
+        INTERPRET=devices.triton_interpret(),
+    )
+    return out.to(x.dtype), u.to(x.dtype)
+
+
 def lora_weight_grad(
     left: torch.Tensor,
     right: torch.Tensor,
@@ -556,6 +862,26 @@ def lora_weight_grad(
     return (partial.sum(0) * scale).to(out_dtype)
 
 
+def _forward_strategy(
+    x: torch.Tensor, weight: torch.Tensor | Weight4bit, N: int, rank: int, dropout_p: float
+) -> str:
+    """The forward's automatic choice: "splitk" where `prefers_splitk`, unless
+    `torch.use_deterministic_algorithms` is on (the splits' atomics add in any order);
+    else `choose_strategy`."""
+    M, K = x.shape
+    if not torch.are_deterministic_algorithms_enabled() and prefers_splitk(
+        M,
+        N,
+        K,
+        rank,
+        multiprocessors=devices.multiprocessor_count(x.device),
+        weight_element_bytes=_weight_element_bytes(weight),
+        adapter_element_bytes=x.element_size(),
+    ):
+        return "splitk"
+    return choose_strategy(M, N, rank, dropout_p)
+
+
 def forward(
     x: torch.Tensor,
     weight: torch.Tensor | Weight4bit,
@@ -569,15 +895,17 @@ def forward(
     strategy: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, u) of `cdm_fast.ops.lora`: x (M, in) any strides, weight (out, in) any float dtype (cast tile by
-    tile to x's), lora_A (r, in), lora_B (out, r). y (M, out) and u (M, r) are new, in x's dtype.
-    `strategy` None picks by `choose_strategy`.
+    tile to x's) or 4-bit, lora_A (r, in), lora_B (out, r). y (M, out) and u (M, r) are new, in x's dtype.
+    `strategy` None picks by `_forward_strategy` (split K for a decode on an underfilled grid);
+    "mainloop", "separate" or "splitk" force one.
     """
-    M, N, rank = x.shape[0], lora_B.shape[0], lora_A.shape[0]
-    strategy = strategy or choose_strategy(M, N, rank, dropout_p)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy: expected one of {STRATEGIES} or None, got {strategy!r}")
+    strategy = strategy or _forward_strategy(x, weight, lora_B.shape[0], lora_A.shape[0], dropout_p)
+    if strategy not in FORWARD_STRATEGIES:
+        raise ValueError(f"strategy: expected one of {FORWARD_STRATEGIES} or None, got {strategy!r}")
     # The adapter is small: cast it to the activation's dtype, never the activation to the adapter's.
     lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    if strategy == "splitk":
+        return lora_splitk(x, weight, lora_A, lora_B, bias, scaling, dropout_p, dropout_seed)
     u = lora_down(x, lora_A, dropout_p, dropout_seed) if strategy == "separate" else None
     return lora_matmul(
         x,
