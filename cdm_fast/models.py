@@ -182,6 +182,7 @@ def load(
     device: str | torch.device = "cpu",
     attn_implementation: str = "eager",
     load_in_4bit: str | Quantization4bit | None = None,
+    device_map: str | dict | None = None,
 ):
     """Load a causal LM and its tokenizer, in eval mode, ready for batched generation.
 
@@ -192,6 +193,8 @@ def load(
         blocks load as bitsandbytes `Linear4bit` directly on `device`; lm_head and embeddings stay dense.
         The model then carries `config.quantization_config` (a `BitsAndBytesConfig`) and
         `is_loaded_in_4bit`, which peft reads to wrap those layers as `lora.bnb.Linear4bit`.
+    device_map: None (everything on `device`), or a transformers/accelerate device map ("auto" spreads a
+        teacher larger than one GPU over every visible device); `device` is then ignored.
     Returns (model, tokenizer); the tokenizer pads on the left and has a pad token (eos when it had none).
     Raises FileNotFoundError naming `name_or_path` when the model cannot be found (offline hub id,
     missing folder, missing wheel); ValueError naming `load_in_4bit` for a quant type other than "nf4"
@@ -208,13 +211,14 @@ def load(
             f"load_in_4bit: expected None, one of {QUANT_TYPES} or a Quantization4bit, "
             f"got {type(load_in_4bit).__name__}"
         )
-    quantized = {}
+    placement = {}
+    if device_map is not None:
+        placement["device_map"] = device_map
     if load_in_4bit is not None:
         # transformers quantises each weight as it places it on the device_map's device, so the 4-bit
         # model is never moved after loading.
-        quantized = dict(
-            quantization_config=load_in_4bit.bitsandbytes_config(dtype), device_map={"": torch.device(device)}
-        )
+        placement["quantization_config"] = load_in_4bit.bitsandbytes_config(dtype)
+        placement.setdefault("device_map", {"": torch.device(device)})
     source, local_only = _resolve(name_or_path)
 
     def from_pretrained(local_files_only: bool):
@@ -224,7 +228,7 @@ def load(
             dtype=dtype,
             attn_implementation=attn_implementation,
             local_files_only=local_files_only,
-            **quantized,
+            **placement,
         )
         return model, tokenizer
 
@@ -248,7 +252,7 @@ def load(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    if load_in_4bit is None:
+    if "device_map" not in placement:
         model.to(device)
     model.eval()
     return model, tokenizer

@@ -46,6 +46,7 @@ the student and the report, and evaluates while the others wait.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -452,6 +453,24 @@ def _truncate_metrics(path: Path, step: int) -> None:
     cache.atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
 
+def _defers_wgrad(context: Context) -> bool:
+    # The deferred weight-gradient GEMMs would run after DDP's reducer hooks have fired: single process only.
+    return context.device.type == "cuda" and not context.distributed
+
+
+def _gpu_step(context: Context) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (the fused projection and LoRA kernels take bf16), plus `wgrad.deferred` there
+    in a single process: the student's and projectors' weight-gradient GEMMs overlap the rest of backward."""
+    stack = contextlib.ExitStack()
+    if context.device.type == "cuda":
+        stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
+    if _defers_wgrad(context):
+        from cdm_fast import wgrad
+
+        stack.enter_context(wgrad.deferred())
+    return stack
+
+
 def train(config, out, student, projectors, pairs, reader, setup_record, context: Context) -> None:
     """AdamW on the trainable parameters of student + projectors for `max_steps` global batches."""
     model = Distilled(student, projectors, pairs, config).to(context.device)
@@ -480,6 +499,10 @@ def train(config, out, student, projectors, pairs, reader, setup_record, context
         step_module = DistributedDataParallel(model, find_unused_parameters=not config.ce_weight)
     else:
         step_module = model
+    if _defers_wgrad(context):
+        from cdm_fast.wgrad import defer_wgrad
+
+        defer_wgrad(student)
 
     def save(at_step: int) -> None:
         if not context.is_main:
@@ -516,10 +539,11 @@ def train(config, out, student, projectors, pairs, reader, setup_record, context
             started = time.perf_counter()
             counts = token_counts(batch)
             local, weight = local_rows(batch, context)
-            losses = step_module(to_device(local, context.device), counts)
             optimizer.zero_grad(set_to_none=True)
-            # DDP averages gradients over ranks; each rank's loss is already its share of the global mean.
-            (losses["loss"] * (weight * context.world_size)).backward()
+            with _gpu_step(context):
+                losses = step_module(to_device(local, context.device), counts)
+                # DDP averages gradients over ranks; each rank's loss is already its share of the global mean.
+                (losses["loss"] * (weight * context.world_size)).backward()
             optimizer.step()
             step += 1
             seconds = time.perf_counter() - started

@@ -161,33 +161,15 @@ def read_texts(path: str | Path) -> list[str]:
 
 
 def load_teacher(config: CacheLatentsConfig, context: Context):
-    """(model, tokenizer) as `cdm_fast.models.load` gives them; with `device_map`, loaded by transformers
-    directly with that map (models.load has no device_map argument)."""
+    """(model, tokenizer) from `cdm_fast.models.load`, on this rank's device or spread by `device_map`."""
     from cdm_fast import models
 
-    if config.device_map is None:
-        return models.load(config.teacher, device=context.device)
-    if context.distributed:
+    if config.device_map is not None and context.distributed:
         raise ValueError(
             f"device_map: {config.device_map!r} spreads one teacher over every visible device; expected a "
             f"single process, got world size {context.world_size} (drop --device-map under torchrun)"
         )
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    source, local_only = models._resolve(config.teacher)
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-    model = AutoModelForCausalLM.from_pretrained(
-        source,
-        dtype=torch.float32,
-        attn_implementation="eager",
-        local_files_only=local_only,
-        device_map=config.device_map,
-    )
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    model.eval()
-    return model, tokenizer
+    return models.load(config.teacher, device=context.device, device_map=config.device_map)
 
 
 def _interleave(first: list[str], second: list[str]) -> list[str]:
