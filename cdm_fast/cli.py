@@ -55,35 +55,40 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _lora_distill(args: argparse.Namespace) -> int:
-    from cdm_fast.distill.lora import LoraDistillConfig, run
+    from cdm_fast.distill.lora import LoraDistillConfig, run, run_seeds
 
-    run(
-        LoraDistillConfig(
-            model=args.model,
-            out=args.out,
-            num_prompts=args.num_prompts,
-            num_eval_prompts=args.num_eval_prompts,
-            max_new_tokens=args.max_new_tokens,
-            threshold=args.threshold,
-            top_fraction=args.top_fraction,
-            min_examples=args.min_examples,
-            rank=args.rank,
-            alpha=args.alpha,
-            dropout=args.dropout,
-            target_modules=tuple(args.target_modules.split(",")),
-            max_steps=args.max_steps,
-            batch_size=args.batch_size,
-            grad_accum=args.grad_accum,
-            lr=args.lr,
-            warmup_steps=args.warmup_steps,
-            seed=args.seed,
-            control=args.control,
-            checkpoint_every=args.checkpoint_every,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-        )
+    config = LoraDistillConfig(
+        model=args.model,
+        out=args.out,
+        load_in_4bit=args.load_in_4bit,
+        num_prompts=args.num_prompts,
+        num_free_text=args.num_free_text,
+        num_eval_prompts=args.num_eval_prompts,
+        num_shallow_prompts=args.num_shallow_prompts,
+        max_new_tokens=args.max_new_tokens,
+        threshold=args.threshold,
+        top_fraction=args.top_fraction,
+        min_examples=args.min_examples,
+        rank=args.rank,
+        alpha=args.alpha,
+        dropout=args.dropout,
+        target_modules=tuple(args.target_modules.split(",")),
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        seed=args.seed,
+        control=args.control,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
     )
+    if args.seeds:
+        run_seeds(config, args.seeds)
+    else:
+        run(config)
     return 0
 
 
@@ -211,7 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=16,
         help="train-split logic prompts to collect (CPU default; 256 full)",
     )
+    distill.add_argument(
+        "--load-in-4bit", choices=("nf4", "fp4"), help="QLoRA: train over a bitsandbytes 4-bit base"
+    )
+    distill.add_argument(
+        "--num-free-text", type=int, default=4, help="free-text prompts collected beside the logic ones"
+    )
     distill.add_argument("--num-eval-prompts", type=int, default=8, help="held-out eval-split prompts")
+    distill.add_argument(
+        "--num-shallow-prompts", type=int, default=2, help="eval problems per task outside the training mix"
+    )
     distill.add_argument("--max-new-tokens", type=int, default=32)
     distill.add_argument("--threshold", type=float, default=80.0, help="keep completions with CDM >= this")
     distill.add_argument("--top-fraction", type=float, help="keep the top q by CDM instead of --threshold")
@@ -224,12 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
         help="comma list",
     )
-    distill.add_argument("--max-steps", type=int, default=100)
+    distill.add_argument("--max-steps", type=int, default=20, help="optimizer steps per LoRA (CPU default)")
     distill.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch")
     distill.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     distill.add_argument("--lr", type=float, default=2e-4)
     distill.add_argument("--warmup-steps", type=int, default=0, help="0: 10%% of --max-steps")
     distill.add_argument("--seed", type=int, default=0)
+    distill.add_argument(
+        "--seeds",
+        type=lambda text: [int(seed) for seed in text.split(",")],
+        help="several seeds, e.g. 0,1,2: a run each in --out/seed-<s>, plus seeds.json/md with the spread",
+    )
     distill.add_argument(
         "--control", action=argparse.BooleanOptionalAction, default=True, help="train the random-data control"
     )

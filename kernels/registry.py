@@ -395,6 +395,59 @@ def _lora_matmul_variants(kernel, decode: bool = False) -> tuple[Variant, ...]:
     return tuple(variants)
 
 
+def _lora_splitk_variants() -> tuple[Variant, ...]:
+    # Dense bases with and without input dropout, and a double-quantised 4-bit base; out and u are fp32
+    # accumulators (atomics), whatever the operands' dtype.
+    variants = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        operand = _TRITON_DTYPES[dtype]
+        for role, flags in (
+            ("plain", {}),
+            ("dropout", {"INPUT_DROPOUT": True}),
+            ("4bit", {"WEIGHT_4BIT": True, "DOUBLE_QUANT": True}),
+        ):
+            if role == "4bit" and dtype != "bf16":
+                continue  # the 4-bit decode is dtype-independent up to the final cast
+            constexprs = {
+                "RANK_BLOCK": _LORA_RANK_BLOCK,
+                "INPUT_DROPOUT": False,
+                "WEIGHT_4BIT": False,
+                "DOUBLE_QUANT": False,
+                **flags,
+                "INPUT_PRECISION": _input_precision(dtype),
+                "INTERPRET": False,
+            }
+            pointers = {name: operand for name in ("x_ptr", "w_ptr", "lora_A_ptr", "lora_B_ptr", "bias_ptr")}
+            pointers.update(u_ptr="*fp32", out_ptr="*fp32")
+            if constexprs["WEIGHT_4BIT"]:
+                pointers.update(
+                    w_ptr="*u8",
+                    w_absmax_ptr="*u8",
+                    w_code_ptr="*fp32",
+                    w_nested_absmax_ptr="*fp32",
+                    w_nested_code_ptr="*fp32",
+                )
+            else:
+                pointers.update(
+                    w_absmax_ptr=None, w_code_ptr=None, w_nested_absmax_ptr=None, w_nested_code_ptr=None
+                )
+            variants.append(
+                _variant(
+                    lora._lora_splitk_kernel,
+                    f"{dtype}-{role}",
+                    pointers,
+                    constexprs,
+                    _any_mma(dtype),
+                    unit_strides=("stride_x_k", "stride_out_n", "stride_u_r", "stride_bias")
+                    + (() if constexprs["WEIGHT_4BIT"] else ("stride_w_k",)),
+                    floats=("scaling", "dropout_rescale", "w_offset"),
+                    forbidden=(_FORBIDDEN["fp32"],) if dtype == "fp32" else (),
+                    every_config=dtype == "bf16" and role == "plain",
+                )
+            )
+    return tuple(variants)
+
+
 def _lora_down_variants() -> tuple[Variant, ...]:
     kernel = lora._lora_down_kernel
     return tuple(
@@ -590,6 +643,7 @@ def kernels() -> tuple[KernelEntry, ...]:
             lora._lora_decode_kernel,
             _lora_matmul_variants(lora._lora_decode_kernel, decode=True),
         ),
+        KernelEntry("lora._lora_splitk_kernel", lora._lora_splitk_kernel, _lora_splitk_variants()),
         KernelEntry("lora._lora_down_kernel", lora._lora_down_kernel, _lora_down_variants()),
         KernelEntry(
             "lora._lora_weight_grad_kernel", lora._lora_weight_grad_kernel, _lora_weight_grad_variants()

