@@ -30,6 +30,37 @@ def kernel_device() -> torch.device | None:
     return None
 
 
+def backend_device(backend: str) -> torch.device | None:
+    """Where a backend runs here: torch on the CPU, Triton where `kernel_device` says, cuda on CUDA."""
+    if backend == "torch":
+        return torch.device("cpu")
+    if backend == "triton":
+        return kernel_device()
+    return torch.device("cuda") if torch.cuda.is_available() else None
+
+
+def backend_fixture(op: str):
+    """A fixture over each registered backend of `op`, skipped where this session cannot run it."""
+    from cdm_fast.dispatch import implementations
+
+    @pytest.fixture(params=implementations(op), ids=lambda impl: impl.backend)
+    def impl(request):
+        if backend_device(request.param.backend) is None:
+            pytest.skip(f"no device for the {request.param.backend} backend in this session")
+        return request.param
+
+    return impl
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def float64(*tensors):
+    """CPU float64 copies (None stays None), for references."""
+    return [t.detach().double().cpu() if t is not None else None for t in tensors]
+
+
 requires_triton = pytest.mark.skipif(
     kernel_device() is None, reason="Triton kernels need CUDA or TRITON_INTERPRET=1"
 )

@@ -8,34 +8,18 @@ import math
 
 import pytest
 import torch
-from conftest import kernel_device, rel_error
+from conftest import backend_device, backend_fixture, dtype_name, float64, rel_error
 
 from cdm_fast import attention as layouts
 from cdm_fast.attention import BlockIndex, num_blocks
-from cdm_fast.dispatch import BackendUnavailable, implementations
+from cdm_fast.dispatch import BackendUnavailable
 from cdm_fast.ops import attention as attention_op
 from cdm_fast.ops.attention import block_sparse_attention, reference
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _device_of(backend: str) -> torch.device | None:
-    if backend == "torch":
-        return torch.device("cpu")
-    if backend == "triton":
-        return kernel_device()
-    return None
-
-
-@pytest.fixture(params=implementations(attention_op.OP), ids=lambda impl: impl.backend)
-def impl(request):
-    if _device_of(request.param.backend) is None:
-        pytest.skip(f"no device for the {request.param.backend} backend in this session")
-    return request.param
+impl = backend_fixture(attention_op.OP)
 
 
 def _inputs(batch, heads, kv_heads, seq_len_q, seq_len_k, head_dim, *, dtype, device, seed):
@@ -58,10 +42,6 @@ def _skip_unless_served(impl, q, k, v):
         pytest.skip(f"{impl.backend}: {reason}")
 
 
-def _float64(*tensors):
-    return [t.detach().double().cpu() if t is not None else None for t in tensors]
-
-
 # Cases: (B, Hq, Hkv, Sq, Sk, D, block_size, causal). Odd lengths leave partial blocks; GQA; Sq != Sk.
 CASES = {
     "odd_lengths": (2, 2, 2, 37, 45, 16, 16, False),
@@ -72,7 +52,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 def test_forward_and_entropy_match_float64_reference_random_per_head_layouts(impl, case, dtype):
     batch, heads, kv_heads, seq_len_q, seq_len_k, head_dim, block_size, causal = case
     q, k, v = _inputs(
@@ -83,7 +63,7 @@ def test_forward_and_entropy_match_float64_reference_random_per_head_layouts(imp
         seq_len_k,
         head_dim,
         dtype=dtype,
-        device=_device_of(impl.backend),
+        device=backend_device(impl.backend),
         seed=1,
     )
     _skip_unless_served(impl, q, k, v)
@@ -94,11 +74,11 @@ def test_forward_and_entropy_match_float64_reference_random_per_head_layouts(imp
     out, entropy = block_sparse_attention(
         q, k, v, layout, block_size=block_size, causal=causal, return_entropy=True, backend=impl.backend
     )
-    ref_out, ref_entropy = reference(*_float64(q, k, v), layout.cpu(), block_size=block_size, causal=causal)
+    ref_out, ref_entropy = reference(*float64(q, k, v), layout.cpu(), block_size=block_size, causal=causal)
     assert out.shape == q.shape and out.dtype == dtype
     assert entropy.shape == q.shape[:3] and entropy.dtype == torch.float32
-    assert rel_error(out, ref_out) <= impl.tolerances[_dtype_name(dtype)]
-    assert rel_error(entropy, ref_entropy) <= impl.tolerances[_dtype_name(dtype)]
+    assert rel_error(out, ref_out) <= impl.tolerances[dtype_name(dtype)]
+    assert rel_error(entropy, ref_entropy) <= impl.tolerances[dtype_name(dtype)]
     empty_rows = slice(0, min(block_size, seq_len_q))
     assert torch.equal(
         out[0, 0, empty_rows].float().cpu(), torch.zeros_like(out[0, 0, empty_rows].float().cpu())
@@ -117,7 +97,7 @@ def test_gradients_match_float64_autograd_through_reference(impl, case):
         seq_len_k,
         head_dim,
         dtype=torch.float32,
-        device=_device_of(impl.backend),
+        device=backend_device(impl.backend),
         seed=3,
     )
     _skip_unless_served(impl, q, k, v)
@@ -126,7 +106,7 @@ def test_gradients_match_float64_autograd_through_reference(impl, case):
     out = block_sparse_attention(*leaves, layout, block_size=block_size, causal=causal, backend=impl.backend)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out)
     out.backward(grad_out)
-    leaves64 = [t.requires_grad_() for t in _float64(q, k, v)]
+    leaves64 = [t.requires_grad_() for t in float64(q, k, v)]
     ref_out, _ = reference(*leaves64, layout.cpu(), block_size=block_size, causal=causal)
     ref_out.backward(grad_out.double().cpu())
     for name, leaf, leaf64 in zip(("q", "k", "v"), leaves, leaves64, strict=True):
@@ -134,7 +114,7 @@ def test_gradients_match_float64_autograd_through_reference(impl, case):
 
 
 def test_key_padding_mask_hides_padded_keys_exactly(impl):
-    q, k, v = _inputs(2, 2, 1, 33, 33, 16, dtype=torch.float32, device=_device_of(impl.backend), seed=6)
+    q, k, v = _inputs(2, 2, 1, 33, 33, 16, dtype=torch.float32, device=backend_device(impl.backend), seed=6)
     _skip_unless_served(impl, q, k, v)
     padding = torch.ones(2, 33, dtype=torch.bool, device=q.device)
     padding[0, :5] = False  # left padding
@@ -152,7 +132,7 @@ def test_key_padding_mask_hides_padded_keys_exactly(impl):
         backend=impl.backend,
     )
     ref_out, ref_entropy = reference(
-        *_float64(q, k, v), layout.cpu(), block_size=16, causal=True, key_padding_mask=padding.cpu()
+        *float64(q, k, v), layout.cpu(), block_size=16, causal=True, key_padding_mask=padding.cpu()
     )
     assert rel_error(out, ref_out) <= impl.tolerances["float32"]
     assert rel_error(entropy, ref_entropy) <= impl.tolerances["float32"]
@@ -166,7 +146,7 @@ def test_key_padding_mask_hides_padded_keys_exactly(impl):
 
 
 def test_dense_layout_equals_sdpa(impl):
-    q, k, v = _inputs(1, 4, 2, 41, 41, 16, dtype=torch.float32, device=_device_of(impl.backend), seed=7)
+    q, k, v = _inputs(1, 4, 2, 41, 41, 16, dtype=torch.float32, device=backend_device(impl.backend), seed=7)
     _skip_unless_served(impl, q, k, v)
     out = block_sparse_attention(
         q, k, v, layouts.dense_layout(41, 41, 16, q.device), block_size=16, causal=True, backend=impl.backend

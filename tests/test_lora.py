@@ -11,10 +11,20 @@ import math
 
 import pytest
 import torch
-from conftest import gpu, kernel_device, rel_error, requires_cuda, requires_triton
+from conftest import (
+    backend_device,
+    backend_fixture,
+    dtype_name,
+    float64,
+    gpu,
+    kernel_device,
+    rel_error,
+    requires_cuda,
+    requires_triton,
+)
 
 from cdm_fast import device as devices
-from cdm_fast.dispatch import REGISTRY, BackendUnavailable, implementations
+from cdm_fast.dispatch import REGISTRY, BackendUnavailable
 from cdm_fast.ops import lora as lora_op
 from cdm_fast.ops.lora import dropout_keep, lora_linear, reference
 
@@ -37,24 +47,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SCALING = 0.75
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _device_of(backend: str) -> torch.device | None:
-    if backend == "torch":
-        return torch.device("cpu")
-    if backend == "triton":
-        return kernel_device()
-    return torch.device("cuda") if torch.cuda.is_available() else None
-
-
-@pytest.fixture(params=implementations(lora_op.OP), ids=lambda impl: impl.backend)
-def impl(request):
-    """Each registered backend of the op, skipped where this session cannot run it."""
-    if _device_of(request.param.backend) is None:
-        pytest.skip(f"no device for the {request.param.backend} backend in this session")
-    return request.param
+impl = backend_fixture(lora_op.OP)
 
 
 def _inputs(tokens, d_in, d_out, rank, *, dtype, device, seed, bias=True, leading=(), adapter_dtype=None):
@@ -80,10 +73,6 @@ def _skip_unless_served(impl, x, weight, lora_A, lora_B, bias):
         pytest.skip(f"{impl.backend}: {reason}")
 
 
-def _float64(*tensors):
-    return [t.detach().double().cpu() if t is not None else None for t in tensors]
-
-
 def _seed_of_next_call(torch_seed: int) -> int:
     """The dropout seed `lora_linear` draws after torch.manual_seed(torch_seed)."""
     torch.manual_seed(torch_seed)
@@ -94,16 +83,16 @@ def _seed_of_next_call(torch_seed: int) -> int:
 
 
 @pytest.mark.parametrize("with_bias", (True, False), ids=("bias", "no_bias"))
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 def test_forward_matches_float64_reference_odd_sizes(impl, dtype, with_bias, poisoned_allocations):
     x, weight, lora_A, lora_B, bias = _inputs(
-        *ODD, dtype=dtype, device=_device_of(impl.backend), seed=1, bias=with_bias
+        *ODD, dtype=dtype, device=backend_device(impl.backend), seed=1, bias=with_bias
     )
     _skip_unless_served(impl, x, weight, lora_A, lora_B, bias)
     y = lora_linear(x, weight, lora_A, lora_B, SCALING, bias, backend=impl.backend)
     assert y.shape == (ODD[0], ODD[2]) and y.dtype == dtype
-    expected = reference(*_float64(x, weight, lora_A, lora_B), SCALING, *_float64(bias))
-    assert rel_error(y, expected) <= impl.tolerances[_dtype_name(dtype)]
+    expected = reference(*float64(x, weight, lora_A, lora_B), SCALING, *float64(bias))
+    assert rel_error(y, expected) <= impl.tolerances[dtype_name(dtype)]
 
 
 @pytest.mark.parametrize(
@@ -111,11 +100,11 @@ def test_forward_matches_float64_reference_odd_sizes(impl, dtype, with_bias, poi
 )
 def test_forward_matches_float64_reference_size_one_dims(impl, shape, poisoned_allocations):
     x, weight, lora_A, lora_B, bias = _inputs(
-        *shape, dtype=torch.float32, device=_device_of(impl.backend), seed=2
+        *shape, dtype=torch.float32, device=backend_device(impl.backend), seed=2
     )
     _skip_unless_served(impl, x, weight, lora_A, lora_B, bias)
     y = lora_linear(x, weight, lora_A, lora_B, SCALING, bias, backend=impl.backend)
-    expected = reference(*_float64(x, weight, lora_A, lora_B), SCALING, *_float64(bias))
+    expected = reference(*float64(x, weight, lora_A, lora_B), SCALING, *float64(bias))
     assert rel_error(y, expected) <= impl.tolerances["float32"]
 
 
@@ -124,7 +113,7 @@ def test_forward_keeps_leading_dims_and_reads_non_contiguous_inputs(impl, poison
     x, weight, lora_A, lora_B, bias = _inputs(
         tokens, d_in, 2 * d_out, rank, dtype=torch.float32, device="cpu", seed=3, leading=(2,)
     )
-    device = _device_of(impl.backend)
+    device = backend_device(impl.backend)
     # x a transposed view, weight and bias every other row: no input but the adapter has unit inner stride.
     x = x.transpose(1, 2).contiguous().to(device).transpose(1, 2)
     weight, bias = weight.to(device)[::2], bias.to(device)[::2]
@@ -133,20 +122,20 @@ def test_forward_keeps_leading_dims_and_reads_non_contiguous_inputs(impl, poison
     _skip_unless_served(impl, x, weight, lora_A, lora_B, bias)
     y = lora_linear(x, weight, lora_A, lora_B, SCALING, bias, backend=impl.backend)
     assert y.shape == (2, tokens, d_out)
-    expected = reference(*_float64(x, weight, lora_A, lora_B), SCALING, *_float64(bias))
+    expected = reference(*float64(x, weight, lora_A, lora_B), SCALING, *float64(bias))
     assert rel_error(y, expected) <= impl.tolerances["float32"]
 
 
-@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=_dtype_name)
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=dtype_name)
 def test_half_activation_with_float32_adapter_computes_in_the_activation_dtype(impl, dtype):
     x, weight, lora_A, lora_B, bias = _inputs(
-        *ODD, dtype=dtype, device=_device_of(impl.backend), seed=4, adapter_dtype=torch.float32
+        *ODD, dtype=dtype, device=backend_device(impl.backend), seed=4, adapter_dtype=torch.float32
     )
     _skip_unless_served(impl, x, weight, lora_A, lora_B, bias)
     y = lora_linear(x, weight, lora_A, lora_B, SCALING, bias, backend=impl.backend)
     assert y.dtype == dtype
-    expected = reference(*_float64(x, weight, lora_A, lora_B), SCALING, *_float64(bias))
-    assert rel_error(y, expected) <= impl.tolerances[_dtype_name(dtype)]
+    expected = reference(*float64(x, weight, lora_A, lora_B), SCALING, *float64(bias))
+    assert rel_error(y, expected) <= impl.tolerances[dtype_name(dtype)]
 
 
 def test_autocast_runs_in_the_autocast_dtype_like_nn_linear():
@@ -155,7 +144,7 @@ def test_autocast_runs_in_the_autocast_dtype_like_nn_linear():
         y = lora_linear(x, weight, lora_A, lora_B, SCALING, bias, backend="torch")
     assert y.dtype == torch.bfloat16
     # The activation is rounded to bf16 once; the products inside are not autocast a second time.
-    expected = reference(*_float64(x.bfloat16(), weight, lora_A, lora_B), SCALING, *_float64(bias))
+    expected = reference(*float64(x.bfloat16(), weight, lora_A, lora_B), SCALING, *float64(bias))
     assert rel_error(y, expected) <= 2**-8
 
 
@@ -181,14 +170,14 @@ def _gradients(impl, x, weight, lora_A, lora_B, bias, grad_y, *, dropout_p=0.0, 
 
 
 def _reference_gradients(x, weight, lora_A, lora_B, bias, grad_y, *, dropout_p=0.0, dropout_seed=0):
-    leaves = [t.requires_grad_() for t in _float64(x, lora_A, lora_B)]
+    leaves = [t.requires_grad_() for t in float64(x, lora_A, lora_B)]
     y = reference(
         leaves[0],
-        *_float64(weight),
+        *float64(weight),
         leaves[1],
         leaves[2],
         SCALING,
-        *_float64(bias),
+        *float64(bias),
         dropout_p=dropout_p,
         dropout_seed=dropout_seed,
     )
@@ -197,10 +186,10 @@ def _reference_gradients(x, weight, lora_A, lora_B, bias, grad_y, *, dropout_p=0
 
 
 @pytest.mark.parametrize("dropout_p", (0.0, 0.3), ids=("no_dropout", "dropout"))
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 def test_gradients_match_float64_autograd_through_reference(impl, dtype, dropout_p, poisoned_allocations):
     x, weight, lora_A, lora_B, bias = _inputs(
-        *ODD, dtype=dtype, device=_device_of(impl.backend), seed=5, leading=(2,)
+        *ODD, dtype=dtype, device=backend_device(impl.backend), seed=5, leading=(2,)
     )
     _skip_unless_served(impl, x, weight, lora_A, lora_B, bias)
     grad_y = torch.randn(2, ODD[0], ODD[2], generator=torch.Generator().manual_seed(6)).to(x)
@@ -208,7 +197,7 @@ def test_gradients_match_float64_autograd_through_reference(impl, dtype, dropout
     y64, grads64 = _reference_gradients(
         x, weight, lora_A, lora_B, bias, grad_y, dropout_p=dropout_p, dropout_seed=_seed_of_next_call(7)
     )
-    tolerance = impl.tolerances[_dtype_name(dtype)]
+    tolerance = impl.tolerances[dtype_name(dtype)]
     assert rel_error(y, y64) <= tolerance
     for name, grad, grad64, leaf in zip(
         ("x", "lora_A", "lora_B"), grads, grads64, (x, lora_A, lora_B), strict=True
@@ -219,7 +208,7 @@ def test_gradients_match_float64_autograd_through_reference(impl, dtype, dropout
 
 def test_backward_computes_only_the_requested_gradients(impl):
     x, weight, lora_A, lora_B, bias = _inputs(
-        *ODD, dtype=torch.float32, device=_device_of(impl.backend), seed=8
+        *ODD, dtype=torch.float32, device=backend_device(impl.backend), seed=8
     )
     _skip_unless_served(impl, x, weight, lora_A, lora_B, bias)
     lora_B.requires_grad_()
@@ -277,7 +266,7 @@ def test_dropout_mask_rows_and_columns_are_uncorrelated():
 
 def test_dropout_same_torch_seed_same_output_and_eval_mode_ignores_it(impl):
     x, weight, lora_A, lora_B, bias = _inputs(
-        *ODD, dtype=torch.float32, device=_device_of(impl.backend), seed=12
+        *ODD, dtype=torch.float32, device=backend_device(impl.backend), seed=12
     )
     _skip_unless_served(impl, x, weight, lora_A, lora_B, bias)
     outputs = []
@@ -348,7 +337,7 @@ def test_triton_decode_path_agrees_with_the_gemm_path_and_the_reference(tokens, 
     tolerance = REGISTRY[(lora_op.OP, "triton")].tolerances["float32"]
     assert rel_error(y_decode, y_gemm[:tokens]) <= tolerance
     assert rel_error(u_decode, u_gemm[:tokens]) <= tolerance
-    expected = reference(*_float64(x[:tokens], weight, lora_A, lora_B), SCALING, *_float64(bias))
+    expected = reference(*float64(x[:tokens], weight, lora_A, lora_B), SCALING, *float64(bias))
     assert rel_error(y_decode, expected) <= tolerance
 
 
@@ -422,12 +411,12 @@ def test_triton_4bit_decode_is_bit_exact_against_bitsandbytes(quant_type, double
 
 
 @pytest.mark.parametrize("dropout_p", (0.0, 0.3), ids=("no_dropout", "dropout"))
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=_dtype_name)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=dtype_name)
 @pytest.mark.parametrize("quant_type, double_quant, blocksize", QUANT_CASES[:2] + QUANT_CASES[3:], ids=str)
 def test_4bit_base_forward_and_grads_match_float64_reference_of_the_dequantised_weight(
     impl, quant_type, double_quant, blocksize, dtype, dropout_p, poisoned_allocations
 ):
-    device = _device_of(impl.backend)
+    device = backend_device(impl.backend)
     x, weight, lora_A, lora_B, bias = _inputs(*ODD[:3], 1, dtype=dtype, device="cpu", seed=22)
     params, dequantised = _params4bit(weight, quant_type, double_quant, blocksize)
     x, params, lora_A, lora_B, bias = (t.to(device) for t in (x, params, lora_A, lora_B, bias))
@@ -446,7 +435,7 @@ def test_4bit_base_forward_and_grads_match_float64_reference_of_the_dequantised_
         dropout_p=dropout_p,
         dropout_seed=_seed_of_next_call(24),
     )
-    tolerance = impl.tolerances[_dtype_name(dtype)]
+    tolerance = impl.tolerances[dtype_name(dtype)]
     assert rel_error(y, y64) <= tolerance
     for name, grad, grad64 in zip(("x", "lora_A", "lora_B"), grads, grads64, strict=True):
         assert rel_error(grad, grad64) <= tolerance, name

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from conftest import kernel_device, rel_error, requires_triton
+from conftest import dtype_name, kernel_device, rel_error, requires_triton
 
 from cdm_fast import device as devices
 from cdm_fast import quant
@@ -28,10 +28,6 @@ N, K = 67, 193
 SPLITS = 3
 SCALING = 0.75
 TOLERANCES = REGISTRY[(lora_op.OP, "triton")].tolerances
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _inputs(tokens, rank, *, dtype, seed, bias=True, d_out=N, d_in=K):
@@ -70,7 +66,7 @@ def _splitk(x, weight, lora_A, lora_B, bias, dropout_p=0.0, dropout_seed=0, spli
 
 
 @requires_triton
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=_dtype_name)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=dtype_name)
 @pytest.mark.parametrize("rank", (1, 16))
 @pytest.mark.parametrize("tokens", (1, 3, 17))
 def test_splitk_forward_y_and_u_match_float64_reference_odd_sizes(tokens, rank, dtype, poisoned_allocations):
@@ -78,8 +74,8 @@ def test_splitk_forward_y_and_u_match_float64_reference_odd_sizes(tokens, rank, 
     y, u = _splitk(x, weight, lora_A, lora_B, bias)
     assert y.shape == (tokens, N) and u.shape == (tokens, rank) and y.dtype == u.dtype == dtype
     y64, u64 = _expected(x, weight, lora_A, lora_B, bias)
-    assert rel_error(y, y64) <= TOLERANCES[_dtype_name(dtype)]
-    assert rel_error(u, u64) <= TOLERANCES[_dtype_name(dtype)]
+    assert rel_error(y, y64) <= TOLERANCES[dtype_name(dtype)]
+    assert rel_error(u, u64) <= TOLERANCES[dtype_name(dtype)]
 
 
 @requires_triton
@@ -102,13 +98,13 @@ def test_splitk_more_splits_than_k_blocks_clamps_to_one_granule_each():
 
 
 @requires_triton
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=_dtype_name)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=dtype_name)
 def test_splitk_dropout_uses_the_same_counter_mask_as_torch_and_the_mainloop(dtype):
     x, weight, lora_A, lora_B, bias = _inputs(17, 16, dtype=dtype, seed=3)
     dropout_p, seed = 0.3, 4321
     y, u = _splitk(x, weight, lora_A, lora_B, bias, dropout_p, seed)
     y64, u64 = _expected(x, weight, lora_A, lora_B, bias, dropout_p, seed)
-    tolerance = TOLERANCES[_dtype_name(dtype)]
+    tolerance = TOLERANCES[dtype_name(dtype)]
     assert rel_error(y, y64) <= tolerance and rel_error(u, u64) <= tolerance
     y_torch, u_torch = lora_op._torch_forward(x, weight, lora_A, lora_B, bias, SCALING, dropout_p, seed)
     assert rel_error(y, y_torch) <= tolerance and rel_error(u, u_torch) <= tolerance
@@ -138,7 +134,7 @@ def test_splitk_reads_non_contiguous_x_weight_and_adapters(poisoned_allocations)
 
 
 @requires_triton
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=_dtype_name)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=dtype_name)
 @pytest.mark.parametrize("tokens", (1, 17))
 def test_splitk_equals_the_mainloop_decode_result(tokens, dtype):
     x, weight, lora_A, lora_B, bias = _inputs(tokens, 16, dtype=dtype, seed=6 + tokens)
@@ -146,7 +142,7 @@ def test_splitk_equals_the_mainloop_decode_result(tokens, dtype):
     y_main, u_main = lora_kernels.forward(
         x, weight, lora_A, lora_B, bias, SCALING, 0.0, 0, strategy="mainloop"
     )
-    tolerance = TOLERANCES[_dtype_name(dtype)]
+    tolerance = TOLERANCES[dtype_name(dtype)]
     assert rel_error(y, y_main) <= tolerance
     assert rel_error(u, u_main) <= tolerance
 
@@ -187,7 +183,7 @@ def _weight_4bit(weight: torch.Tensor, quant_type: str, double_quant: bool, bloc
 
 
 @requires_triton
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=_dtype_name)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=dtype_name)
 @pytest.mark.parametrize(
     "quant_type, double_quant, blocksize",
     [("nf4", True, 64), ("nf4", False, 128), ("fp4", True, 32), ("fp4", False, 64)],
@@ -201,7 +197,7 @@ def test_splitk_4bit_base_matches_reference_of_the_dequantised_weight_and_the_ma
     base, dequantised = _weight_4bit(weight.float().cpu(), quant_type, double_quant, blocksize)
     y, u = _splitk(x, base, lora_A, lora_B, bias, dropout_p=0.2, dropout_seed=10)
     y64, u64 = _expected(x, dequantised.to(dtype), lora_A, lora_B, bias, 0.2, 10)
-    tolerance = TOLERANCES[_dtype_name(dtype)]
+    tolerance = TOLERANCES[dtype_name(dtype)]
     assert rel_error(y, y64) <= tolerance and rel_error(u, u64) <= tolerance
     y_main, _ = lora_kernels.forward(x, base, lora_A, lora_B, bias, SCALING, 0.2, 10, strategy="mainloop")
     assert rel_error(y, y_main) <= tolerance

@@ -10,11 +10,20 @@ import math
 
 import pytest
 import torch
-from conftest import gpu, kernel_device, rel_error, requires_cuda, requires_triton
+from conftest import (
+    backend_device,
+    backend_fixture,
+    dtype_name,
+    gpu,
+    kernel_device,
+    rel_error,
+    requires_cuda,
+    requires_triton,
+)
 
 from cdm_fast import device as devices
 from cdm_fast import float8
-from cdm_fast.dispatch import REGISTRY, BackendUnavailable, implementations
+from cdm_fast.dispatch import REGISTRY, BackendUnavailable
 from cdm_fast.ops import projection as projection_op
 from cdm_fast.ops.projection import fourier_projection, reference
 
@@ -39,25 +48,7 @@ FP8_PRECISIONS = ("fp8", "fp8-features")
 FP8_ERROR_TO_EXACT_SANITY_BOUND = {"fp8": 0.5, "fp8-features": 0.1}
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _device_of(backend: str) -> torch.device | None:
-    """Where a backend runs here: torch on the CPU, Triton where `kernel_device` says, cuda on CUDA."""
-    if backend == "torch":
-        return torch.device("cpu")
-    if backend == "triton":
-        return kernel_device()
-    return torch.device("cuda") if torch.cuda.is_available() else None
-
-
-@pytest.fixture(params=implementations(projection_op.OP), ids=lambda impl: impl.backend)
-def impl(request):
-    """Each registered backend of the op, skipped where this session cannot run it."""
-    if _device_of(request.param.backend) is None:
-        pytest.skip(f"no device for the {request.param.backend} backend in this session")
-    return request.param
+impl = backend_fixture(projection_op.OP)
 
 
 def _skip_unless_served(impl, x, freqs, weight, bias, precision="bf16", fp8_scaling="rowwise"):
@@ -118,7 +109,7 @@ def _quantise_input(dim, dtype, device, seed):
 
 
 @requires_triton
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=_dtype_name)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=dtype_name)
 @pytest.mark.parametrize("dim", (0, 1))
 def test_quantize_rowwise_kernel_matches_float8_recipe_exactly(dim, dtype, poisoned_allocations):
     t = _quantise_input(dim, dtype, kernel_device(), seed=10 + dim)
@@ -130,7 +121,7 @@ def test_quantize_rowwise_kernel_matches_float8_recipe_exactly(dim, dtype, poiso
 
 
 @requires_triton
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=_dtype_name)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=dtype_name)
 @pytest.mark.parametrize("dim", (0, 1))
 def test_quantize_mx_kernel_matches_float8_recipe_exactly(dim, dtype, poisoned_allocations):
     t = _quantise_input(dim, dtype, kernel_device(), seed=20 + dim)
@@ -168,22 +159,22 @@ def test_autotune_pruning_keeps_only_configs_that_fit_shared_memory():
 
 
 @pytest.mark.parametrize("with_bias", (True, False), ids=("bias", "no_bias"))
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 def test_forward_matches_float64_reference_odd_sizes(impl, dtype, with_bias, poisoned_allocations):
     x, freqs, weight, bias = _inputs(
-        *ODD, dtype=dtype, device=_device_of(impl.backend), seed=1, bias=with_bias
+        *ODD, dtype=dtype, device=backend_device(impl.backend), seed=1, bias=with_bias
     )
     _skip_unless_served(impl, x, freqs, weight, bias)
     y = fourier_projection(x, freqs, weight, bias, backend=impl.backend)
     assert y.shape == (ODD[0], ODD[3]) and y.dtype == dtype
-    assert rel_error(y, _reference64(x, freqs, weight, bias)) <= impl.tolerances[_dtype_name(dtype)]
+    assert rel_error(y, _reference64(x, freqs, weight, bias)) <= impl.tolerances[dtype_name(dtype)]
 
 
 @pytest.mark.parametrize(
     "shape", [(1, 1, 1, 1), (1, 45, 19, 23), (37, 1, 19, 23), (37, 45, 1, 23), (37, 45, 19, 1)], ids=str
 )
 def test_forward_matches_float64_reference_size_one_dims(impl, shape, poisoned_allocations):
-    x, freqs, weight, bias = _inputs(*shape, dtype=torch.float32, device=_device_of(impl.backend), seed=2)
+    x, freqs, weight, bias = _inputs(*shape, dtype=torch.float32, device=backend_device(impl.backend), seed=2)
     _skip_unless_served(impl, x, freqs, weight, bias)
     y = fourier_projection(x, freqs, weight, bias, backend=impl.backend)
     assert rel_error(y, _reference64(x, freqs, weight, bias)) <= impl.tolerances["float32"]
@@ -191,7 +182,7 @@ def test_forward_matches_float64_reference_size_one_dims(impl, shape, poisoned_a
 
 def test_forward_keeps_batched_leading_dims(impl, poisoned_allocations):
     x, freqs, weight, bias = _inputs(
-        3, 45, 19, 23, dtype=torch.float32, device=_device_of(impl.backend), seed=3, leading=(2,)
+        3, 45, 19, 23, dtype=torch.float32, device=backend_device(impl.backend), seed=3, leading=(2,)
     )
     _skip_unless_served(impl, x, freqs, weight, bias)
     y = fourier_projection(x, freqs, weight, bias, backend=impl.backend)
@@ -202,7 +193,7 @@ def test_forward_keeps_batched_leading_dims(impl, poisoned_allocations):
 def test_forward_matches_float64_reference_non_contiguous_inputs(impl, poisoned_allocations):
     rows, d_in, m, d_out = ODD
     x, freqs, weight, bias = _inputs(rows, d_in, m, 2 * d_out, dtype=torch.float32, device="cpu", seed=4)
-    device = _device_of(impl.backend)
+    device = backend_device(impl.backend)
     # x and freqs transposed views, weight and bias every other column: no input has unit inner stride.
     x = x.t().contiguous().to(device).t()
     freqs = freqs.t().contiguous().to(device).t()
@@ -219,7 +210,7 @@ def test_fp8_matches_reference_fed_the_same_quantised_inputs(
     impl, precision, fp8_scaling, poisoned_allocations, record_property
 ):
     x, freqs, weight, bias = _inputs(
-        *ODD, dtype=torch.bfloat16, device=_device_of(impl.backend), seed=5, leading=(2,)
+        *ODD, dtype=torch.bfloat16, device=backend_device(impl.backend), seed=5, leading=(2,)
     )
     _skip_unless_served(impl, x, freqs, weight, bias, precision, fp8_scaling)
     y = fourier_projection(
@@ -247,9 +238,10 @@ def _gradients(impl, x, freqs, weight, bias, grad_y, precision="bf16"):
     return [t.grad for t in leaves]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 def test_gradients_match_float64_autograd_through_reference(impl, dtype, poisoned_allocations):
-    x, freqs, weight, bias = _inputs(*ODD, dtype=dtype, device=_device_of(impl.backend), seed=6, leading=(2,))
+    device = backend_device(impl.backend)
+    x, freqs, weight, bias = _inputs(*ODD, dtype=dtype, device=device, seed=6, leading=(2,))
     _skip_unless_served(impl, x, freqs, weight, bias)
     grad_y = torch.randn(2, ODD[0], ODD[3], generator=torch.Generator().manual_seed(7)).to(x)
     grads = _gradients(impl, x, freqs, weight, bias, grad_y)
@@ -257,11 +249,11 @@ def test_gradients_match_float64_autograd_through_reference(impl, dtype, poisone
     reference(*leaves64).backward(grad_y.double().cpu())
     for name, grad, leaf in zip(("x", "freqs", "weight", "bias"), grads, leaves64, strict=True):
         assert grad.dtype == dtype, name
-        assert rel_error(grad, leaf.grad) <= impl.tolerances[_dtype_name(dtype)], name
+        assert rel_error(grad, leaf.grad) <= impl.tolerances[dtype_name(dtype)], name
 
 
 def test_backward_computes_only_the_requested_gradients(impl, poisoned_allocations):
-    x, freqs, weight, bias = _inputs(*ODD, dtype=torch.float32, device=_device_of(impl.backend), seed=8)
+    x, freqs, weight, bias = _inputs(*ODD, dtype=torch.float32, device=backend_device(impl.backend), seed=8)
     _skip_unless_served(impl, x, freqs, weight, bias)
     weight.requires_grad_()
     fourier_projection(x, freqs, weight, backend=impl.backend).sum().backward()
@@ -272,7 +264,7 @@ def test_backward_computes_only_the_requested_gradients(impl, poisoned_allocatio
 
 
 def test_fp8_backward_is_the_gradient_of_the_unquantised_function(impl):
-    x, freqs, weight, bias = _inputs(*ODD, dtype=torch.bfloat16, device=_device_of(impl.backend), seed=9)
+    x, freqs, weight, bias = _inputs(*ODD, dtype=torch.bfloat16, device=backend_device(impl.backend), seed=9)
     _skip_unless_served(impl, x, freqs, weight, bias, "fp8")
     grad_y = torch.randn(ODD[0], ODD[3], generator=torch.Generator().manual_seed(10)).to(x)
     for fp8_grad, exact_grad in zip(
@@ -381,7 +373,7 @@ BENCH_DEFAULT = (16384, 8192, 2048, 1536)
 
 def _triton_tolerance(precision: str, dtype: torch.dtype) -> float:
     tolerances = REGISTRY[(projection_op.OP, "triton")].tolerances
-    return tolerances["fp8"] if precision in FP8_PRECISIONS else tolerances[_dtype_name(dtype)]
+    return tolerances["fp8"] if precision in FP8_PRECISIONS else tolerances[dtype_name(dtype)]
 
 
 @gpu
