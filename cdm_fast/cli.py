@@ -61,6 +61,7 @@ def _lora_distill(args: argparse.Namespace) -> int:
         model=args.model,
         out=args.out,
         load_in_4bit=args.load_in_4bit,
+        device_map=args.device_map,
         num_prompts=args.num_prompts,
         num_free_text=args.num_free_text,
         num_eval_prompts=args.num_eval_prompts,
@@ -219,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument(
         "--load-in-4bit", choices=("nf4", "fp4"), help="QLoRA: train over a bitsandbytes 4-bit base"
     )
+    distill.add_argument("--device-map", help='e.g. "auto": a model larger than one GPU (single process)')
     distill.add_argument(
         "--num-free-text", type=int, default=4, help="free-text prompts collected beside the logic ones"
     )

@@ -388,3 +388,24 @@ def test_several_seeds_write_one_run_each_and_the_spread(tmp_path):
     assert (out / "seed-0" / "metrics.jsonl").read_text() == before
     with pytest.raises(ValueError, match="seeds: expected at least two distinct"):
         lora.run_seeds(replace(config, out=str(tmp_path / "x")), [3, 3])
+
+
+def test_model_loading_gets_device_map_and_4bit_settings(tmp_path, monkeypatch):
+    seen = {}
+
+    class Loaded(Exception):
+        pass
+
+    def fake_load(name, **kwargs):
+        seen.update(kwargs, name=name)
+        raise Loaded
+
+    monkeypatch.setattr(models, "load", fake_load)
+    config = tiny_config(tmp_path, device_map="auto", load_in_4bit="fp4")
+    with pytest.raises(Loaded):
+        lora.run(config)
+    assert seen["name"] == config.model and seen["device_map"] == "auto"
+    assert seen["load_in_4bit"].quant_type == "fp4"
+    assert not (tmp_path / "run").exists()
+    args = build_parser().parse_args(["lora-distill", "--device-map", "auto", "--load-in-4bit", "nf4"])
+    assert args.device_map == "auto" and args.load_in_4bit == "nf4"

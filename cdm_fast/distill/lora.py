@@ -65,6 +65,7 @@ class LoraDistillConfig:
     model: str = models.EMBEDDED_NAME
     out: str = "runs/lora-distill"
     load_in_4bit: str | None = None  # "nf4" | "fp4": QLoRA over a bitsandbytes 4-bit base (models.load)
+    device_map: str | None = None  # "auto": a model larger than one GPU over all visible ones (one process)
     num_prompts: int = 16  # train-split prompts to collect from (issue default 256; 16 keeps CPU runs short)
     num_free_text: int = 4  # free-text prompts collected beside the logic ones
     num_eval_prompts: int = 8
@@ -925,7 +926,14 @@ def _run(config: LoraDistillConfig, out: Path, started: float, context: Context,
             # bf16 compute on CUDA as QLoRA does (the loop autocasts to bf16 there); load dtype on the CPU.
             compute = torch.bfloat16 if context.device.type == "cuda" else None
             quantization = models.Quantization4bit(config.load_in_4bit, compute_dtype=compute)
-        model, tokenizer = models.load(config.model, device=context.device, load_in_4bit=quantization)
+        if config.device_map is not None and context.distributed:
+            raise ValueError(
+                f"device_map: {config.device_map!r} spreads one model over every visible device; expected a "
+                f"single process, got world size {context.world_size} (drop --device-map under torchrun)"
+            )
+        model, tokenizer = models.load(
+            config.model, device=context.device, load_in_4bit=quantization, device_map=config.device_map
+        )
     check_targets(model, config.target_modules)
     device = next(model.parameters()).device
     if device.type == "cuda":
