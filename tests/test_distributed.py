@@ -17,6 +17,7 @@ def test_single_process_context_is_the_identity():
     assert distributed.gather(items, 7, context) == items
     assert distributed.broadcast("x", context) == "x"
     assert distributed.all_sum(2.5, context) == 2.5
+    assert distributed.map_sharded(lambda xs: [x * 10 for x in xs], items, context) == [x * 10 for x in items]
 
 
 def _free_port() -> int:
@@ -43,6 +44,11 @@ def _worker(rank: int, world_size: int, port: int, results) -> None:
             "gathered": gathered,
             "broadcast": distributed.broadcast(f"from{rank}", context),
             "sum": distributed.all_sum(rank + 1.0, context),
+            "mapped": distributed.map_sharded(lambda xs: [(x, rank) for x in xs], items, context),
+            # one item: rank 1 has none and must not call the function (it would get an empty list)
+            "one": distributed.map_sharded(
+                lambda xs: [len(xs)] * len(xs) if xs else 1 / 0, items[:1], context
+            ),
         }
     finally:
         distributed.shutdown()
@@ -61,3 +67,5 @@ def test_two_processes_shard_gather_broadcast_and_sum():
         assert results[rank]["gathered"] == expected
         assert results[rank]["broadcast"] == "from0"
         assert results[rank]["sum"] == 3.0
+        assert results[rank]["mapped"] == [(f"item{i}", i % 2) for i in range(7)]
+        assert results[rank]["one"] == [1]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,13 @@ def gather(local: list[T], total: int, context: Context) -> list[T]:
     for rank, part in enumerate(parts):
         out[rank :: context.world_size] = part
     return out
+
+
+def map_sharded(function: Callable[[list[T]], list[R]], items: Sequence[T], context: Context) -> list[R]:
+    """`function` (this rank's items -> one result each) over the items sharded across ranks: every result,
+    in item order, on every rank. A rank left without items does not call `function`."""
+    mine = shard(items, context)
+    return gather(function(mine) if mine else [], len(items), context)
 
 
 def broadcast(value: T, context: Context) -> T:

@@ -193,9 +193,8 @@ def score_prompts(
     """`cdm.score` in prompt order; batched by length (less padding; CDM does not depend on the batch),
     the prompts sharded over the ranks."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    mine = distributed.shard(order, context)
-    local = (
-        cdm.score(
+    results = distributed.map_sharded(
+        lambda mine: cdm.score(
             model,
             tokenizer,
             [prompts[i] for i in mine],
@@ -204,11 +203,10 @@ def score_prompts(
             noise_samples=config.noise_samples,
             batch_size=config.score_batch_size,
             progress=config.progress and context.is_main,
-        )
-        if mine
-        else []
+        ),
+        order,
+        context,
     )
-    results = distributed.gather(local, len(order), context)
     by_prompt = [None] * len(prompts)
     for position, index in enumerate(order):
         by_prompt[index] = results[position]
@@ -638,34 +636,27 @@ def evaluate_shallow(
     model, tokenizer, config: LoraDistillConfig, name: str, metrics, context: Context
 ) -> dict:
     """Perplexity on the held-out free-text passages and greedy accuracy on the tasks outside the mix."""
-    passages = freetext.passages("eval")
-    mine = distributed.shard(passages, context)
-    local = (
-        freetext.perplexity(model, tokenizer, mine, max_length=config.perplexity_max_length)
-        if mine
-        else {"nll_sums": [], "token_counts": []}
-    )
-    sums = distributed.gather(local["nll_sums"], len(passages), context)
-    counts = distributed.gather(local["token_counts"], len(passages), context)
+
+    def passage_nll(texts: list[str]) -> list[tuple[float, int]]:
+        result = freetext.perplexity(model, tokenizer, texts, max_length=config.perplexity_max_length)
+        return list(zip(result["nll_sums"], result["token_counts"], strict=True))
+
+    def solved(problems: list[logic.Problem]) -> list[float]:
+        results = logic.evaluate(
+            model,
+            tokenizer,
+            problems,
+            batch_size=config.score_batch_size,
+            max_new_tokens=config.max_new_tokens,
+            progress=False,
+        )["results"]
+        return [float(r["score"] == 1.0) for r in results]
+
+    per_passage = distributed.map_sharded(passage_nll, freetext.passages("eval"), context)
+    sums, counts = [s for s, _ in per_passage], [c for _, c in per_passage]
     nll = sum(sums) / max(1, sum(counts))
     problems = shallow_problems(config)
-    mine = distributed.shard(problems, context)
-    scores = (
-        [
-            float(r["score"] == 1.0)
-            for r in logic.evaluate(
-                model,
-                tokenizer,
-                mine,
-                batch_size=config.score_batch_size,
-                max_new_tokens=config.max_new_tokens,
-                progress=False,
-            )["results"]
-        ]
-        if mine
-        else []
-    )
-    correct = distributed.gather(scores, len(problems), context)
+    correct = distributed.map_sharded(solved, problems, context)
     record = {
         "perplexity": math.exp(nll),
         "nll": nll,
