@@ -125,6 +125,56 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+@triton.jit
+def load_base_weight_tile(
+    w_ptr,
+    w_absmax_ptr,
+    w_code_ptr,
+    w_nested_absmax_ptr,
+    w_nested_code_ptr,
+    w_offset,
+    w_blocksize,
+    w_nested_blocksize,
+    k,
+    n,
+    stride_w_k,
+    stride_w_n,
+    K,
+    N,
+    DTYPE: tl.constexpr,
+    WEIGHT_4BIT: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """The (BLOCK_K, BLOCK_N) tile of the base weight Wᵀ at rows k, columns n, in DTYPE, 0 outside (K, N).
+
+    WEIGHT_4BIT (QLoRA): decoded from its bitsandbytes 4-bit codes in registers, tile by tile, so no dense
+    copy of the weight is ever written; otherwise loaded as stored (already DTYPE).
+    """
+    if WEIGHT_4BIT:
+        w = load_4bit_tile(
+            w_ptr,
+            w_absmax_ptr,
+            w_code_ptr,
+            w_nested_absmax_ptr,
+            w_nested_code_ptr,
+            w_offset,
+            w_blocksize,
+            w_nested_blocksize,
+            k,
+            n,
+            stride_w_k,
+            stride_w_n,
+            K,
+            N,
+            DOUBLE_QUANT,
+        )
+        w = cast(w, DTYPE, INTERPRET)
+    else:
+        w = load_tile(w_ptr, k, n, stride_w_k, stride_w_n, K, N, 0.0)
+    return w
+
+
 @triton.autotune(
     configs=_matmul_configs(),
     key=["M", "N", "K", "RANK_BLOCK", "COMPUTE_T", "INPUT_DROPOUT", "EPILOGUE_DROPOUT", "WEIGHT_4BIT"],
@@ -195,28 +245,26 @@ def _lora_matmul_kernel(
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         a = load_tile(a_ptr, m, k, stride_a_m, stride_a_k, M, K, 0.0)
-        if WEIGHT_4BIT:
-            # QLoRA: the base weight is decoded from its 4-bit codes in registers, tile by tile.
-            w = load_4bit_tile(
-                w_ptr,
-                w_absmax_ptr,
-                w_code_ptr,
-                w_nested_absmax_ptr,
-                w_nested_code_ptr,
-                w_offset,
-                w_blocksize,
-                w_nested_blocksize,
-                k,
-                n,
-                stride_w_k,
-                stride_w_n,
-                K,
-                N,
-                DOUBLE_QUANT,
-            )
-            w = cast(w, a_ptr.dtype.element_ty, INTERPRET)
-        else:
-            w = load_tile(w_ptr, k, n, stride_w_k, stride_w_n, K, N, 0.0)
+        w = load_base_weight_tile(
+            w_ptr,
+            w_absmax_ptr,
+            w_code_ptr,
+            w_nested_absmax_ptr,
+            w_nested_code_ptr,
+            w_offset,
+            w_blocksize,
+            w_nested_blocksize,
+            k,
+            n,
+            stride_w_k,
+            stride_w_n,
+            K,
+            N,
+            a_ptr.dtype.element_ty,
+            WEIGHT_4BIT,
+            DOUBLE_QUANT,
+            INTERPRET,
+        )
         acc = dot_in_dtype(a, w, acc, INPUT_PRECISION, INTERPRET)
         if COMPUTE_T:
             # t accumulates beside acc from the same a tile, so a is read from memory once.
@@ -380,27 +428,26 @@ def _lora_splitk_kernel(
     for k0 in range(k_first, k_last, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         x = load_tile(x_ptr, m, k, stride_x_m, stride_x_k, M, k_last, 0.0)
-        if WEIGHT_4BIT:
-            w = load_4bit_tile(
-                w_ptr,
-                w_absmax_ptr,
-                w_code_ptr,
-                w_nested_absmax_ptr,
-                w_nested_code_ptr,
-                w_offset,
-                w_blocksize,
-                w_nested_blocksize,
-                k,
-                n,
-                stride_w_k,
-                stride_w_n,
-                k_last,
-                N,
-                DOUBLE_QUANT,
-            )
-            w = cast(w, x_ptr.dtype.element_ty, INTERPRET)
-        else:
-            w = load_tile(w_ptr, k, n, stride_w_k, stride_w_n, k_last, N, 0.0)
+        w = load_base_weight_tile(
+            w_ptr,
+            w_absmax_ptr,
+            w_code_ptr,
+            w_nested_absmax_ptr,
+            w_nested_code_ptr,
+            w_offset,
+            w_blocksize,
+            w_nested_blocksize,
+            k,
+            n,
+            stride_w_k,
+            stride_w_n,
+            k_last,
+            N,
+            x_ptr.dtype.element_ty,
+            WEIGHT_4BIT,
+            DOUBLE_QUANT,
+            INTERPRET,
+        )
         acc = dot_in_dtype(x, w, acc, INPUT_PRECISION, INTERPRET)
         # u_s accumulates beside the base product from the same x tile, so x is read once.
         lora_A = load_tile(lora_A_ptr, k, j, stride_A_k, stride_A_r, k_last, rank, 0.0)

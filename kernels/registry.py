@@ -33,6 +33,7 @@ HELPERS = frozenset(
         "hash32",
         "dropout_keep",
         "load_4bit_tile",
+        "load_base_weight_tile",
         "_mx_scale_exponent",
         "_sin_cos_of_turns",
         "_dot",
