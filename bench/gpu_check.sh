@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's check, run from the repository root:
 #
-#     bash bench/gpu_check.sh OUTDIR [STEP ...]        STEP: env build tests sanitizer bench (default: all)
+#     bash bench/gpu_check.sh OUTDIR [STEP ...]    STEP: env build tests sanitizer bench report (default: all)
 #
 # env        nvidia-smi, python/torch/triton/nvcc/compute-sanitizer versions      -> OUTDIR/summary.txt
 # build      pip install -e . for this GPU's arch only, then `cdm-fast doctor`     -> OUTDIR/build.log
@@ -10,17 +10,19 @@
 #            "cuda" backend, then of the "triton" one (skipped when unavailable)  -> OUTDIR/sanitizer.log
 # bench      python -m bench.all --check-targets (GPU_CHECK_BENCHES=lora,attention picks a subset);
 #            JSON lines in OUTDIR, and appended to bench/results/                -> OUTDIR/bench.log
+# report     python -m bench.report: BENCHMARKS.md from bench/results/, copied     -> OUTDIR/BENCHMARKS.md
+#            to OUTDIR (its output goes to bench.log)
 #
 # A failing step does not stop the next; each step's exit status and seconds go to OUTDIR/summary.txt.
 # Every step runs under `timeout`, and all of them within GPU_CHECK_BUDGET_S seconds (default 1500 = 25 min);
 # a step that would start with less than 30 s left is skipped (and a step's timeout is cut to what is left).
 # Where one command may run 10 minutes at most, pass GPU_CHECK_BUDGET_S=570, or run the steps over several
-# calls (e.g. `env build tests`, then `sanitizer bench` while the machine is still warm). OUTDIR stays flat
-# with few files (the GPU machine hands back at most 8). PYTHON picks the interpreter (default python3).
+# calls (e.g. `env build tests`, then `sanitizer bench report` while the machine is still warm). OUTDIR stays
+# flat with few files (the GPU machine hands back at most 8). PYTHON picks the interpreter (default python3).
 set -uo pipefail
 
 if [[ $# -lt 1 ]]; then
-    echo "usage: bash bench/gpu_check.sh OUTDIR [env|build|tests|sanitizer|bench ...]" >&2
+    echo "usage: bash bench/gpu_check.sh OUTDIR [env|build|tests|sanitizer|bench|report ...]" >&2
     exit 2
 fi
 if [[ ! -f pyproject.toml || ! -d bench ]]; then
@@ -31,7 +33,7 @@ mkdir -p "$1"
 OUT_DIR=$(cd "$1" && pwd)
 shift
 STEPS=("$@")
-[[ ${#STEPS[@]} -eq 0 ]] && STEPS=(env build tests sanitizer bench)
+[[ ${#STEPS[@]} -eq 0 ]] && STEPS=(env build tests sanitizer bench report)
 PYTHON=${PYTHON:-python3}
 BUDGET_S=${GPU_CHECK_BUDGET_S:-1500}
 START_S=$(date +%s)
@@ -188,10 +190,15 @@ step_bench() {
     fi
 }
 
+# BENCHMARKS.md is generated from every row in bench/results/ (this run's appended there by step_bench).
+step_report() {
+    run_step report 120 "$OUT_DIR/bench.log" "$PYTHON" -m bench.report && cp BENCHMARKS.md "$OUT_DIR/"
+}
+
 SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 for step in "${STEPS[@]}"; do
     case $step in
-    env | build | tests | sanitizer | bench) "step_$step" ;;
+    env | build | tests | sanitizer | bench | report) "step_$step" ;;
     *)
         echo "unknown step: $step" >>"$SUMMARY"
         FAILED=1
