@@ -35,6 +35,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from bench import all as bench_all
 from bench import common
 
 DEFAULT_OUT = common.REPO_ROOT / "BENCHMARKS.md"
@@ -45,19 +46,18 @@ LOOPS = ("lora_distill", "latent_memory", "cdm")
 REPORTED = KERNELS + LOOPS
 LORA_SLOTS = ("training-bf16", "training-nf4", "decode-bf16", "decode-nf4", "memory")
 GPU_CHECK = "bash bench/gpu_check.sh OUT bench"
-# How each table's rows are produced on the GPU machine. bench.all (gpu_check's bench step) runs lora's
-# default suite only, and neither latent_memory nor cdm.
+# How each table's rows are produced on the GPU machine (bench.all's run names, `GPU_CHECK_BENCHES`).
 COMMANDS = {
     "projection": f"GPU_CHECK_BENCHES=projection {GPU_CHECK}",
     "lora/training-bf16": f"GPU_CHECK_BENCHES=lora {GPU_CHECK}",
-    "lora/training-nf4": "python -m bench.lora --4bit --check-targets",
-    "lora/memory": "python -m bench.lora --4bit --check-targets",
-    "lora/decode-bf16": "python -m bench.lora --decode --4bit --check-targets",
-    "lora/decode-nf4": "python -m bench.lora --decode --4bit --check-targets",
+    "lora/training-nf4": f"GPU_CHECK_BENCHES=lora_4bit {GPU_CHECK}",
+    "lora/memory": f"GPU_CHECK_BENCHES=lora_4bit {GPU_CHECK}",
+    "lora/decode-bf16": f"GPU_CHECK_BENCHES=lora_decode {GPU_CHECK}",
+    "lora/decode-nf4": f"GPU_CHECK_BENCHES=lora_decode {GPU_CHECK}",
     "attention": f"GPU_CHECK_BENCHES=attention {GPU_CHECK}",
     "wgrad": f"GPU_CHECK_BENCHES=wgrad {GPU_CHECK}",
     "lora_distill": f"GPU_CHECK_BENCHES=lora_distill {GPU_CHECK}",
-    "latent_memory": "python -m bench.latent_memory",
+    "latent_memory": f"GPU_CHECK_BENCHES=latent_memory {GPU_CHECK}",
     "cdm": "python -m bench.cdm",
 }
 # What a bench's rows carry for a roofline (read from the bench code that builds them).
@@ -968,9 +968,10 @@ def _not_measured(device_runs: dict[str, dict[str, Run]], results: Mapping[str, 
     else:
         lines += ["Every table has GPU rows.", ""]
     lines += [
-        "`bash bench/gpu_check.sh OUT bench` runs `python -m bench.all --check-targets` (projection, "
-        "lora's default training-bf16 suite, wgrad, attention, lora_distill); `GPU_CHECK_BENCHES=a,b` picks "
-        "a subset. lora's 4-bit and decode suites, latent_memory and cdm are separate commands.",
+        "`bash bench/gpu_check.sh OUT bench` runs `python -m bench.all --check-targets` (every run in "
+        f"`bench.all.BENCHES`: {', '.join(bench_all.BENCHES)}); `GPU_CHECK_BENCHES=a,b` picks a subset "
+        "(one or two fit a 10-minute call). cdm needs the embedded model, which does not travel to the GPU "
+        "machine: it is a separate command.",
         "",
         "Transformer Engine is not a peer: its wheel (276 MB) cannot travel to the GPU machine, so the "
         "projection bench's `te-fp8-linear` row and lora's `te-linear` row are skipped with that reason.",

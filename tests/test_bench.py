@@ -74,3 +74,38 @@ def test_rel_error_is_zero_for_equal_tensors_and_infinite_for_nan():
     bad = ref.clone()
     bad[2, 1] = math.nan
     assert common.rel_error(bad, ref) == math.inf
+
+
+def test_bench_all_runs_each_entry_with_its_arguments_into_its_results_file(tmp_path, monkeypatch):
+    from bench import all as bench_all
+
+    calls = []
+
+    class FakeModule:
+        def __init__(self, name):
+            self.name = name
+
+        def main(self, argv):
+            calls.append((self.name, argv))
+            return 1 if self.name == "bench.wgrad" else 0
+
+    monkeypatch.setattr(bench_all.importlib, "import_module", FakeModule)
+    status = bench_all.main(
+        ["--out-dir", str(tmp_path), "--check-targets", "--only", "lora,lora_decode,wgrad,latent_memory"]
+    )
+    assert status == 1  # wgrad failed; the others still ran
+    assert calls == [
+        ("bench.lora", ["--out", str(tmp_path / "lora.jsonl"), "--check-targets"]),
+        ("bench.lora", ["--decode", "--4bit", "--out", str(tmp_path / "lora.jsonl"), "--check-targets"]),
+        ("bench.wgrad", ["--out", str(tmp_path / "wgrad.jsonl"), "--check-targets"]),
+        ("bench.latent_memory", ["--out", str(tmp_path / "latent_memory.jsonl")]),
+    ]
+
+
+def test_bench_all_entries_name_real_modules_with_a_main():
+    import importlib
+
+    from bench import all as bench_all
+
+    for name, bench in bench_all.BENCHES.items():
+        assert callable(importlib.import_module(bench.module).main), name

@@ -332,3 +332,9 @@ def test_a_malformed_line_is_an_error_naming_the_file_and_line(tmp_path, capsys,
     assert report.main(["--results", str(tmp_path), "--out", str(tmp_path / "B.md")]) == 2
     assert f"lora.jsonl:3: {message}" in capsys.readouterr().err
     assert not (tmp_path / "B.md").exists()
+
+
+def test_committed_benchmarks_md_is_what_the_report_generates_from_the_committed_results():
+    # BENCHMARKS.md is generated, never edited: after new rows or a report change, `python -m bench.report`.
+    expected = report.render(report.load_results(common.RESULTS_DIR))
+    assert report.DEFAULT_OUT.read_text(encoding="utf-8") == expected
