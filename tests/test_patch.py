@@ -16,7 +16,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import cdm_fast.patch
+import cdm_fast.patch.peft_lora
 from cdm_fast.patch import QUANTIZED_REASON, PatchReport, is_patched, patch_peft, unpatch
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -93,8 +93,10 @@ def test_patched_layers_call_the_fused_op(monkeypatch):
     model = _peft_llama()
     patch_peft(model)
     calls = []
-    real = cdm_fast.patch.lora_linear
-    monkeypatch.setattr(cdm_fast.patch, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = cdm_fast.patch.peft_lora.lora_linear
+    monkeypatch.setattr(
+        cdm_fast.patch.peft_lora, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
     _logits(model)
     assert len(calls) == 2 * len(TARGETS)
 
@@ -210,7 +212,7 @@ def test_unpatch_restores_and_patching_twice_does_not_double_wrap():
     second = patch_peft(model, backend="torch")
     assert second.patched == first.patched and second.skipped == {}
     layer = model.get_submodule(first.patched[0])
-    assert layer.forward.func is cdm_fast.patch._fused_forward and layer.forward.args[1] == "torch"
+    assert layer.forward.func is cdm_fast.patch.peft_lora._fused_forward and layer.forward.args[1] == "torch"
     assert rel_error(_logits(model), reference) <= TOLERANCE
     assert unpatch(model) == first.patched
     assert not any(is_patched(m) for m in model.modules()) and "forward" not in layer.__dict__

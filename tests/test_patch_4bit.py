@@ -19,7 +19,7 @@ from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-import cdm_fast.patch  # noqa: E402
+import cdm_fast.patch.peft_lora  # noqa: E402
 from cdm_fast.patch import EIGHT_BIT_REASON, patch_peft  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -135,9 +135,9 @@ def test_patched_4bit_layers_call_the_fused_op_with_the_packed_weight(monkeypatc
     reference = _logits(model)
     patch_peft(model)
     weights = []
-    real = cdm_fast.patch.lora_linear
+    real = cdm_fast.patch.peft_lora.lora_linear
     monkeypatch.setattr(
-        cdm_fast.patch,
+        cdm_fast.patch.peft_lora,
         "lora_linear",
         lambda x, weight, *a, **k: weights.append(weight) or real(x, weight, *a, **k),
     )
@@ -155,8 +155,10 @@ def test_weight_the_fused_op_cannot_read_falls_back_to_peft_per_call(monkeypatch
     # at call time the fused path cannot read the weight, so peft's own forward runs (and restores it).
     layer.weight.quant_state = None
     calls = []
-    real = cdm_fast.patch.lora_linear
-    monkeypatch.setattr(cdm_fast.patch, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = cdm_fast.patch.peft_lora.lora_linear
+    monkeypatch.setattr(
+        cdm_fast.patch.peft_lora, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
     assert rel_error(_logits(model), reference) <= TOLERANCE[torch.float32]
     assert len(calls) == 2 * len(TARGETS) - 1
 
