@@ -47,6 +47,17 @@ class Shape(NamedTuple):
     def gemm_flops(self) -> tuple[int, int]:
         return 2 * self.n * self.d_in * self.m, 2 * self.n * 2 * self.m * self.d_out
 
+    @property
+    def min_bytes(self) -> int:
+        """The op's bf16 operands read once and its output written once: what any implementation moves."""
+        return 2 * (
+            self.n * self.d_in
+            + self.d_in * self.m
+            + 2 * self.m * self.d_out
+            + self.d_out
+            + self.n * self.d_out
+        )
+
 
 SHAPES = {
     "cuda": [Shape(16384, 8192, 2048, 1536)],  # teacher latents (d_in 8192) to student width (1536)
@@ -314,6 +325,7 @@ def _new_row(env: dict, shape: Shape, impl: str, precision: str, **fields) -> di
     """One JSON line with every key present (None where it does not apply)."""
     row = {**env, "bench": "projection", "shape": shape.as_dict(), "precision": precision, "scaling": None}
     row.update(impl=impl, ms=None, min_ms=None, repeats=None, timing=None, tflops=None, peak_fraction=None)
+    row.update(flops=sum(shape.gemm_flops), bytes=shape.min_bytes, gb_s=None)
     row.update(ratio=None, error_exact=None, error_quantized=None, targets=None, note="", **fields)
     return row
 
@@ -321,6 +333,7 @@ def _new_row(env: dict, shape: Shape, impl: str, precision: str, **fields) -> di
 def _record_timing(row: dict, timing: common.Timing, shape: Shape) -> None:
     row.update(ms=timing.ms, min_ms=timing.min_ms, repeats=timing.repeats, timing=timing.method)
     row["tflops"] = sum(shape.gemm_flops) / timing.ms / 1e9
+    row["gb_s"] = shape.min_bytes / timing.ms / 1e6
 
 
 def run_shape(shape: Shape, args, device: torch.device, env: dict, ceilings) -> tuple[list[dict], bool]:

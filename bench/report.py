@@ -62,8 +62,6 @@ COMMANDS = {
 }
 # What a bench's rows carry for a roofline (read from the bench code that builds them).
 SCHEMA_GAPS = {
-    "projection": "records TFLOP/s and `peak_fraction` (both GEMMs at the measured GEMM rates of their "
-    "operand types) but no bytes or GB/s: the floor shown is the compute floor only",
     "wgrad": "records step times and ratios only: no FLOPs, bytes or ceilings, so no roofline",
     "lora_distill": "records tokens/s, ratios and peak memory: no FLOPs, bytes or ceilings, so no roofline",
     "latent_memory": "records peak memory (and the arithmetic estimate): no time, no ceilings",
@@ -391,9 +389,23 @@ def _projection(device: str, runs: dict[str, Run]) -> Section:
         return min(peers) / ms if peers and ms else None
 
     def floor(row: dict) -> float | None:
-        # The compute floor at the measured GEMM rates: peak_fraction = that ideal time / ms.
+        # Compute at the measured GEMM rates of the operand types (peak_fraction = that time / ms), or the
+        # op's bytes at the measured copy rate, whichever is longer.
         peak, ms = _number(row.get("peak_fraction")), _number(row.get("ms"))
-        return peak * ms if peak and ms else None
+        nbytes, copy_rate = _number(row.get("bytes")), _number(ceilings.get("copy_gb_s"))
+        times = [
+            t
+            for t in (
+                peak * ms if peak and ms else None,
+                nbytes / (copy_rate * 1e6) if nbytes and copy_rate else None,
+            )
+            if t
+        ]
+        return max(times) if times else None
+
+    def times_floor(row: dict) -> float | None:
+        ms, lowest = _number(row.get("ms")), floor(row)
+        return ms / lowest if ms and lowest else None
 
     columns = [
         _key("impl", numeric=False),
@@ -402,11 +414,10 @@ def _projection(device: str, runs: dict[str, Run]) -> Section:
         _key("ms", "{:.3f}"),
         _key("tflops", "{:.3g}", header="TFLOP/s"),
         _key("peak_fraction", "{:.0%}", header="of GEMM ceilings"),
-        Col("compute floor ms", lambda r: _fmt(floor(r), "{:.3f}")),
-        Col(
-            "× floor",
-            lambda r: _fmt(1 / r["peak_fraction"] if _number(r.get("peak_fraction")) else None, "{:.2f}"),
-        ),
+        _key("gb_s", "{:.0f}", header="GB/s"),
+        Col("of copy", lambda r: _fmt(fraction(r.get("gb_s"), ceilings.get("copy_gb_s")), "{:.0%}")),
+        Col("floor ms", lambda r: _fmt(floor(r), "{:.3f}")),
+        Col("× floor", lambda r: _fmt(times_floor(r), "{:.2f}")),
         _key("ratio", "{:.2f}x", header=f"vs {module.BASELINE}"),
         Col("vs best _scaled_mm", lambda r: _fmt(best_scaled_mm(r), "{:.2f}x")),
         _key("error_exact", "{:.2e}", header="err exact"),
@@ -606,17 +617,6 @@ def _wgrad(device: str, runs: dict[str, Run]) -> Section:
     text += _not_timed(run.rows, "mode")
     failures, error = _run_check(lambda: module.check_targets(copy.deepcopy(run.rows)))
     lines = [f"TARGET MISSED: {failure}" for failure in failures] or [error or "no target missed"]
-    has_target_row = any(
-        r.get("case") == "lora-stack"
-        and r.get("tokens") == module.LORA_TARGET_TOKENS
-        and r.get("mode") == "deferred"
-        for r in run.rows
-        if is_measurement(r)
-    )
-    if not has_target_row:
-        lines.append(
-            f"(no timed lora-stack {module.LORA_TARGET_TOKENS}-token deferred row: its target is unjudged)"
-        )
     text.append(
         "Targets (verbatim from `bench.wgrad.check_targets`: lora-stack at "
         f"{module.LORA_TARGET_TOKENS} tokens deferred >= {module.LORA_TARGET_GAIN:.0%} faster than sync; "

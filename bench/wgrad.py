@@ -174,9 +174,19 @@ def run_case(case: Case, device: torch.device, repeats: int, env: dict, smoke: b
 
 
 def check_targets(rows: list[dict]) -> list[str]:
-    """Failures against issue 6's targets (empty: all met). Only GPU, non-smoke rows are judged."""
+    """Failures against issue 6's targets (empty: all met). Only GPU, non-smoke rows are judged; among
+    them, a missing lora-stack target row is a failure (its target would otherwise pass unjudged)."""
     failures = []
     judged = [r for r in rows if r["performance_claim"]]
+    target_rows = [
+        r
+        for r in judged
+        if r["case"] == "lora-stack" and r["tokens"] == LORA_TARGET_TOKENS and r["mode"] == "deferred"
+    ]
+    if judged and not any(r.get("ratio_vs_sync") for r in target_rows):
+        failures.append(
+            f"lora-stack {LORA_TARGET_TOKENS} tokens: no timed deferred row, the target is unjudged"
+        )
     for row in judged:
         if row["case"] == "lora-stack" and row["tokens"] == LORA_TARGET_TOKENS and row["mode"] == "deferred":
             if 1 / row["ratio_vs_sync"] > 1 - LORA_TARGET_GAIN:

@@ -1,6 +1,10 @@
-"""Shared test helpers: one relative-error measure, output poisoning, device selection."""
+"""Shared test helpers: one relative-error measure, output poisoning, device selection, bench smoke runs."""
 
 from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,3 +90,66 @@ def embedded_model_cache(tmp_path_factory):
     """A model cache the real-model tests share, so the embedded GGUF is converted once per session and
     nothing is written under ~/.cache."""
     return tmp_path_factory.mktemp("embedded_model_cache")
+
+
+def params4bit(weight: torch.Tensor, quant_type: str, double_quant: bool, blocksize: int = 64):
+    """(bitsandbytes Params4bit of `weight`, its dequantised values), quantised by bitsandbytes itself on the
+    CPU; skips the test without bitsandbytes."""
+    bnb = pytest.importorskip("bitsandbytes")
+    functional = pytest.importorskip("bitsandbytes.functional")
+    # bitsandbytes' CPU fallback is wrapped in torch.compile: compiling it per shape would dominate a test.
+    with torch.compiler.set_stance("force_eager"):
+        codes, state = functional.quantize_4bit(
+            weight, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant
+        )
+        dequantised = functional.dequantize_4bit(codes, state)
+    params = bnb.nn.Params4bit(
+        data=codes,
+        requires_grad=False,
+        quant_state=state,
+        quant_type=quant_type,
+        blocksize=blocksize,
+        compress_statistics=double_quant,
+        bnb_quantized=True,
+    )
+    return params, dequantised
+
+
+def strict_json_rows(path: Path) -> list[dict]:
+    """A bench's JSON lines, refusing NaN and Infinity (benches write non-finite floats as strings)."""
+
+    def reject(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return [json.loads(line, parse_constant=reject) for line in Path(path).read_text().splitlines()]
+
+
+def run_bench_smoke(main: Callable[[list[str]], int], out: Path, *args: str) -> tuple[int, list[dict]]:
+    """(exit status, rows) of `main(["--smoke", *args, "--out", out])`, run as a user would: without
+    TRITON_INTERPRET or CDM_FAST_BACKEND, so the bench picks each peer's backend itself."""
+    patch = pytest.MonkeyPatch()
+    for name in ("TRITON_INTERPRET", "CDM_FAST_BACKEND"):
+        patch.delenv(name, raising=False)
+    try:
+        status = main(["--smoke", *args, "--out", str(out)])
+    finally:
+        patch.undo()
+    return status, strict_json_rows(out)
+
+
+def assert_smoke_rows(status: int, rows: list[dict], required_keys: set[str]) -> None:
+    """A CPU smoke run succeeded, and each row has every field and claims no performance."""
+    assert status == 0
+    assert rows
+    for row in rows:
+        assert required_keys <= row.keys(), required_keys - row.keys()
+        assert row["device"] == "cpu" and row["performance_claim"] is False and row["smoke"] is True
+        assert not row["note"].startswith("failed"), row
+
+
+def assert_timed_or_skipped(row: dict, *context) -> None:
+    """Either a positive time with its rates, or no time and a note giving the reason it was skipped."""
+    timed = row["ms"] is not None and row["ms"] > 0 and row["tflops"] > 0 and row["gb_s"] > 0
+    reason = row["note"].removeprefix("skipped: ")
+    skipped = row["ms"] is None and row["note"].startswith("skipped: ") and len(reason.strip()) > 3
+    assert timed != skipped, (row["impl"], *context, row["note"])

@@ -20,7 +20,7 @@ from bench import common  # noqa: E402
 
 REQUIRED_KEYS = {
     "device", "cc", "torch", "triton", "cuda", "git_commit", "timestamp", "shape", "precision", "scaling",
-    "impl", "ms", "tflops", "ratio", "error_exact", "error_quantized", "note",
+    "impl", "ms", "tflops", "ratio", "error_exact", "error_quantized", "note", "flops", "bytes", "gb_s",
 }  # fmt: skip
 
 

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_smoke_rows, assert_timed_or_skipped, run_bench_smoke
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # `bench` is a folder of the checkout, not an installed package
-    sys.path.insert(0, str(REPO_ROOT))
-
-from bench import attention, common  # noqa: E402
-from cdm_fast.ops.attention import reference  # noqa: E402
+from bench import attention, common
+from cdm_fast.ops.attention import reference
 
 REQUIRED_KEYS = {
     "device", "cc", "torch", "triton", "cuda", "git_commit", "timestamp", "bench", "shape", "mode", "dtype",
@@ -26,24 +21,10 @@ REQUIRED_KEYS = {
 ALWAYS_TIMED = ("cdm-auto",)  # the torch backend runs on the CPU
 
 
-def _strict_json(line: str) -> dict:
-    def reject(constant):
-        raise ValueError(f"non-standard JSON constant {constant}")
-
-    return json.loads(line, parse_constant=reject)
-
-
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "attention.jsonl"
-    mp = pytest.MonkeyPatch()
-    for name in ("TRITON_INTERPRET", "CDM_FAST_BACKEND"):
-        mp.delenv(name, raising=False)
-    try:
-        status = attention.main(["--smoke", "--check-targets", "--repeats", "1", "--out", str(out)])
-    finally:
-        mp.undo()
-    return status, [_strict_json(line) for line in out.read_text().splitlines()]
+    return run_bench_smoke(attention.main, out, "--check-targets", "--repeats", "1")
 
 
 pytestmark = pytest.mark.skipif(
@@ -52,13 +33,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_smoke_run_succeeds_and_writes_strict_json_rows_with_every_field(smoke_run):
-    status, rows = smoke_run
-    assert status == 0
-    assert rows
-    for row in rows:
-        assert REQUIRED_KEYS <= row.keys(), REQUIRED_KEYS - row.keys()
-        assert row["device"] == "cpu" and row["performance_claim"] is False and row["smoke"] is True
-        assert not row["note"].startswith("failed"), row
+    assert_smoke_rows(*smoke_run, REQUIRED_KEYS)
 
 
 def test_every_peer_is_timed_or_skipped_with_a_reason_in_every_case(smoke_run):
@@ -79,10 +54,8 @@ def test_every_peer_is_timed_or_skipped_with_a_reason_in_every_case(smoke_run):
         }
         assert {(r["impl"], r["entropy"]) for r in case_rows} == expected
         for row in case_rows:
-            timed = row["ms"] is not None and row["ms"] > 0 and row["tflops"] > 0 and row["gb_s"] > 0
-            skipped = row["ms"] is None and row["note"].startswith("skipped: ") and len(row["note"]) > 12
-            assert timed != skipped, (row["impl"], mode, density, row["note"])
-            if timed:
+            assert_timed_or_skipped(row, mode, density)
+            if row["ms"] is not None:
                 assert row["error_out"] < 2e-2, row
                 assert (row["error_entropy"] is not None) == row["entropy"]
         by_impl = {(r["impl"], r["entropy"]): r for r in case_rows}

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_smoke_rows, assert_timed_or_skipped, run_bench_smoke
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # `bench` is a folder of the checkout, not an installed package
-    sys.path.insert(0, str(REPO_ROOT))
-
-from bench import lora  # noqa: E402
+from bench import lora
 
 REQUIRED_KEYS = {
     "device", "cc", "torch", "triton", "cuda", "peft", "git_commit", "timestamp", "bench", "case", "shape",
@@ -36,24 +31,10 @@ ALWAYS_TIMED = {
 }
 
 
-def _strict_json(line: str) -> dict:
-    def reject(constant):
-        raise ValueError(f"non-standard JSON constant {constant}")
-
-    return json.loads(line, parse_constant=reject)
-
-
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "lora.jsonl"
-    mp = pytest.MonkeyPatch()
-    for name in ("TRITON_INTERPRET", "CDM_FAST_BACKEND"):
-        mp.delenv(name, raising=False)
-    try:
-        status = lora.main(["--smoke", "--check-targets", "--repeats", "1", "--out", str(out)])
-    finally:
-        mp.undo()
-    return status, [_strict_json(line) for line in out.read_text().splitlines()]
+    return run_bench_smoke(lora.main, out, "--check-targets", "--repeats", "1")
 
 
 pytestmark = pytest.mark.skipif(
@@ -62,13 +43,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_smoke_run_succeeds_and_writes_strict_json_rows_with_every_field(smoke_run):
-    status, rows = smoke_run
-    assert status == 0
-    assert rows
-    for row in rows:
-        assert REQUIRED_KEYS <= row.keys(), REQUIRED_KEYS - row.keys()
-        assert row["device"] == "cpu" and row["performance_claim"] is False and row["smoke"] is True
-        assert not row["note"].startswith("failed"), row
+    assert_smoke_rows(*smoke_run, REQUIRED_KEYS)
 
 
 @pytest.mark.parametrize("suite_name", list(lora.SUITES))
@@ -88,10 +63,8 @@ def test_every_peer_is_timed_or_skipped_with_a_reason_in_every_shape_and_mode(sm
         case_rows = [r for r in projection_rows if (json.dumps(r["shape"]), r["mode"]) == (shape, mode)]
         by_impl = {r["impl"]: r for r in case_rows}
         assert set(by_impl) == set(suite.peers)
-        for impl, row in by_impl.items():
-            timed = row["ms"] is not None and row["ms"] > 0 and row["tflops"] > 0 and row["gb_s"] > 0
-            skipped = row["ms"] is None and row["note"].startswith("skipped: ") and len(row["note"]) > 12
-            assert timed != skipped, (impl, mode, row["note"])
+        for row in case_rows:
+            assert_timed_or_skipped(row, mode)
         for impl in ALWAYS_TIMED[suite_name]:
             assert by_impl[impl]["ms"] is not None, (impl, mode, by_impl[impl]["note"])
             assert by_impl[impl]["error_vs_float64"] < 2e-2

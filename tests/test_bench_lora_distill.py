@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import strict_json_rows
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # `bench` is a folder of the checkout, not an installed package
-    sys.path.insert(0, str(REPO_ROOT))
-
-from bench import lora_distill  # noqa: E402
+from bench import lora_distill
 
 REQUIRED_KEYS = {
     "device", "cc", "torch", "triton", "cuda", "peft", "transformers", "git_commit", "git_dirty", "timestamp",
@@ -34,7 +27,7 @@ def test_smoke_on_cpu_times_every_cpu_peer_with_random_weights_and_the_same_firs
     monkeypatch.setattr(lora_distill, "SMOKE_CASES", lora_distill.SMOKE_CASES[:1])
     out = tmp_path / "lora_distill.jsonl"
     assert lora_distill.main(["--smoke", "--repeats", "1", "--out", str(out), "--check-targets"]) == 0
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = strict_json_rows(out)
     cases = {(c.model.name, c.seq_len) for c in lora_distill.SMOKE_CASES}
     assert len(rows) == len(cases) * len(lora_distill.PEERS)
     assert {(r["case"], r["seq_len"], r["peer"]) for r in rows} == {

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
+from conftest import strict_json_rows
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # `bench` is a folder of the checkout, not an installed package
-    sys.path.insert(0, str(REPO_ROOT))
-
-from bench import wgrad  # noqa: E402
+from bench import wgrad
 
 REQUIRED_KEYS = {
     "device", "torch", "git_commit", "timestamp", "bench", "case", "shape", "tokens", "mode", "ms",
@@ -21,7 +15,7 @@ REQUIRED_KEYS = {
 def test_smoke_writes_one_row_per_case_and_mode(tmp_path, capsys):
     out = tmp_path / "wgrad.jsonl"
     assert wgrad.main(["--smoke", "--repeats", "1", "--out", str(out), "--check-targets"]) == 0
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = strict_json_rows(out)
     assert len(rows) == 3 * len(wgrad.SMOKE_CASES)
     assert {(r["case"], r["tokens"]) for r in rows} == {(c.name, c.tokens) for c in wgrad.SMOKE_CASES}
     for row in rows:
@@ -39,3 +33,18 @@ def test_check_targets_flags_a_slow_lora_step_and_a_slow_auto():
     ]
     failures = wgrad.check_targets(rows)
     assert len(failures) == 2 and "deferred/sync" in failures[0] and "auto/sync" in failures[1]
+
+
+def test_check_targets_flags_a_gpu_run_without_the_target_row_and_passes_a_met_target():
+    base = {"performance_claim": True, "case": "mlp-stack", "tokens": wgrad.LORA_TARGET_TOKENS}
+    (failure,) = wgrad.check_targets([{**base, "mode": "deferred", "ratio_vs_sync": 1.3}])
+    assert "no timed deferred row" in failure
+    met = {
+        **base,
+        "case": "lora-stack",
+        "mode": "deferred",
+        "ratio_vs_sync": 1 / (1 - wgrad.LORA_TARGET_GAIN) + 0.01,
+    }
+    assert wgrad.check_targets([met]) == []
+    # CPU rows claim nothing: nothing is judged, nothing fails
+    assert wgrad.check_targets([{**met, "performance_claim": False, "ratio_vs_sync": 0.5}]) == []

@@ -18,6 +18,7 @@ from conftest import (
     float64,
     gpu,
     kernel_device,
+    params4bit,
     rel_error,
     requires_cuda,
     requires_triton,
@@ -363,25 +364,6 @@ def test_choose_strategy_follows_the_roofline():
 # ---------------------------------------------------------------- 4-bit base (QLoRA)
 
 
-def _params4bit(weight: torch.Tensor, quant_type: str, double_quant: bool, blocksize: int = 64):
-    """A bitsandbytes Params4bit of `weight`, quantised by bitsandbytes itself (on the CPU)."""
-    bnb = pytest.importorskip("bitsandbytes")
-    functional = pytest.importorskip("bitsandbytes.functional")
-    codes, state = functional.quantize_4bit(
-        weight, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant
-    )
-    params = bnb.nn.Params4bit(
-        data=codes,
-        requires_grad=False,
-        quant_state=state,
-        quant_type=quant_type,
-        blocksize=blocksize,
-        compress_statistics=double_quant,
-        bnb_quantized=True,
-    )
-    return params, functional.dequantize_4bit(codes, state)
-
-
 QUANT_CASES = [("nf4", True, 64), ("nf4", False, 128), ("fp4", True, 32), ("fp4", False, 64)]
 
 
@@ -391,7 +373,7 @@ def test_triton_4bit_decode_is_bit_exact_against_bitsandbytes(quant_type, double
     # out · in odd and in not a multiple of the blocksize: bytes and blocks straddle row ends.
     d_out, d_in = 53, 45
     weight = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(21))
-    params, dequantised = _params4bit(weight, quant_type, double_quant, blocksize)
+    params, dequantised = params4bit(weight, quant_type, double_quant, blocksize)
     from cdm_fast import quant
 
     base = quant.from_bitsandbytes(params.to(kernel_device()))
@@ -418,7 +400,7 @@ def test_4bit_base_forward_and_grads_match_float64_reference_of_the_dequantised_
 ):
     device = backend_device(impl.backend)
     x, weight, lora_A, lora_B, bias = _inputs(*ODD[:3], 1, dtype=dtype, device="cpu", seed=22)
-    params, dequantised = _params4bit(weight, quant_type, double_quant, blocksize)
+    params, dequantised = params4bit(weight, quant_type, double_quant, blocksize)
     x, params, lora_A, lora_B, bias = (t.to(device) for t in (x, params, lora_A, lora_B, bias))
     from cdm_fast import quant
 
@@ -443,7 +425,7 @@ def test_4bit_base_forward_and_grads_match_float64_reference_of_the_dequantised_
 
 def test_4bit_base_with_mismatched_shape_raises_naming_weight():
     weight = torch.randn(6, 9)
-    params, _ = _params4bit(weight, "nf4", True)
+    params, _ = params4bit(weight, "nf4", True)
     args = _valid_args()  # x is (5, 8): the 4-bit weight is (6, 9)
     with pytest.raises(ValueError, match=r"^weight: expected \(out, 8\)"):
         lora_linear(args[0], params, args[2], args[3], SCALING)
@@ -451,7 +433,7 @@ def test_4bit_base_with_mismatched_shape_raises_naming_weight():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors only fail the cuda gate without a GPU run")
 def test_explicit_cuda_with_4bit_base_raises_backend_unavailable():
-    params, _ = _params4bit(torch.randn(6, 8), "nf4", True)
+    params, _ = params4bit(torch.randn(6, 8), "nf4", True)
     args = _valid_args()
     with pytest.raises(BackendUnavailable, match="cuda"):
         lora_linear(args[0], params, args[2], args[3], SCALING, backend="cuda")

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from conftest import dtype_name, kernel_device, rel_error, requires_triton
+from conftest import dtype_name, kernel_device, params4bit, rel_error, requires_triton
 
 from cdm_fast import device as devices
 from cdm_fast import quant
@@ -160,28 +160,6 @@ def test_forward_strategy_splitk_is_the_split_k_launcher_and_bad_strategy_raises
 # ---------------------------------------------------------------- 4-bit base (QLoRA)
 
 
-def _weight_4bit(weight: torch.Tensor, quant_type: str, double_quant: bool, blocksize: int):
-    """(Weight4bit on the kernel device, its dequantised values): quantised by bitsandbytes on the CPU."""
-    bnb = pytest.importorskip("bitsandbytes")
-    functional = pytest.importorskip("bitsandbytes.functional")
-    # bitsandbytes' CPU fallback is wrapped in torch.compile: compiling it per shape would dominate the test.
-    with torch.compiler.set_stance("force_eager"):
-        codes, state = functional.quantize_4bit(
-            weight, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant
-        )
-        dequantised = functional.dequantize_4bit(codes, state)
-    params = bnb.nn.Params4bit(
-        data=codes,
-        requires_grad=False,
-        quant_state=state,
-        quant_type=quant_type,
-        blocksize=blocksize,
-        compress_statistics=double_quant,
-        bnb_quantized=True,
-    )
-    return quant.from_bitsandbytes(params.to(kernel_device())), dequantised
-
-
 @requires_triton
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=dtype_name)
 @pytest.mark.parametrize(
@@ -194,7 +172,8 @@ def test_splitk_4bit_base_matches_reference_of_the_dequantised_weight_and_the_ma
 ):
     x, weight, lora_A, lora_B, bias = _inputs(3, 16, dtype=dtype, seed=9)
     # N·K odd and K not a multiple of the blocksize: bytes and scale blocks straddle rows and splits.
-    base, dequantised = _weight_4bit(weight.float().cpu(), quant_type, double_quant, blocksize)
+    params, dequantised = params4bit(weight.float().cpu(), quant_type, double_quant, blocksize)
+    base = quant.from_bitsandbytes(params.to(kernel_device()))
     y, u = _splitk(x, base, lora_A, lora_B, bias, dropout_p=0.2, dropout_seed=10)
     y64, u64 = _expected(x, dequantised.to(dtype), lora_A, lora_B, bias, 0.2, 10)
     tolerance = TOLERANCES[dtype_name(dtype)]
