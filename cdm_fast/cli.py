@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -16,76 +17,45 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(config_class, args: argparse.Namespace):
+    """`config_class` built from the flags named like its fields (`--no-progress` sets progress=False).
+
+    Flags carry the dataclass's defaults (tests/test_cli.py checks that a bare command builds the default
+    config), so the fields without a flag keep theirs.
+    """
+    names = {field.name for field in dataclasses.fields(config_class)}
+    values = {name: value for name, value in vars(args).items() if name in names}
+    if "progress" in names:
+        values["progress"] = not args.no_progress
+    return config_class(**values)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(item) for item in text.split(","))
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
 def _score(args: argparse.Namespace) -> int:
     from cdm_fast.scoring import ScoreConfig, run_score
 
-    run_score(
-        ScoreConfig(
-            model=args.model,
-            prompts=args.prompts,
-            out=args.out,
-            num_prompts=args.num_prompts,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            noise_scale=args.noise_scale,
-            noise_samples=args.noise_samples,
-            threshold=args.threshold,
-            chat_template=args.chat_template,
-            plot=args.plot,
-            progress=not args.no_progress,
-        )
-    )
+    run_score(_config(ScoreConfig, args))
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
     from cdm_fast.scoring import DemoConfig, run_demo
 
-    run_demo(
-        DemoConfig(
-            out_dir=args.out_dir,
-            num_prompts=args.num_prompts,
-            max_new_tokens=args.max_new_tokens,
-            seed=args.seed,
-            progress=not args.no_progress,
-        )
-    )
+    run_demo(_config(DemoConfig, args))
     return 0
 
 
 def _lora_distill(args: argparse.Namespace) -> int:
     from cdm_fast.distill.lora import LoraDistillConfig, run, run_seeds
 
-    config = LoraDistillConfig(
-        model=args.model,
-        out=args.out,
-        load_in_4bit=args.load_in_4bit,
-        device_map=args.device_map,
-        num_prompts=args.num_prompts,
-        num_free_text=args.num_free_text,
-        num_eval_prompts=args.num_eval_prompts,
-        num_shallow_prompts=args.num_shallow_prompts,
-        max_new_tokens=args.max_new_tokens,
-        threshold=args.threshold,
-        top_fraction=args.top_fraction,
-        min_examples=args.min_examples,
-        rank=args.rank,
-        alpha=args.alpha,
-        dropout=args.dropout,
-        target_modules=tuple(args.target_modules.split(",")),
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        lr=args.lr,
-        warmup_steps=args.warmup_steps,
-        seed=args.seed,
-        control=args.control,
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
+    config = _config(LoraDistillConfig, args)
     if args.seeds:
         run_seeds(config, args.seeds)
     else:
@@ -98,28 +68,12 @@ def _cache_latents(args: argparse.Namespace) -> int:
     from cdm_fast.distill.latents import CacheLatentsConfig, run
 
     try:
-        out = run(
-            CacheLatentsConfig(
-                teacher=args.teacher,
-                out=args.out,
-                data=args.data,
-                layers=tuple(int(x) for x in args.layers.split(",")) if args.layers else None,
-                dtype=args.dtype,
-                max_length=args.max_length,
-                batch_size=args.batch_size,
-                shard_sequences=args.shard_sequences,
-                default_problems_per_task=args.problems_per_task,
-                default_max_new_tokens=args.max_new_tokens,
-                default_freetext=args.freetext,
-                default_freetext_max_new_tokens=args.freetext_max_new_tokens,
-                device_map=args.device_map,
-                seed=args.seed,
-                progress=not args.no_progress,
-            )
-        )
+        out = run(_config(CacheLatentsConfig, args))
+        is_main = distributed.current_rank() == 0
     finally:
         distributed.shutdown()
-    print(out)
+    if is_main:
+        print(out)
     return 0
 
 
@@ -128,49 +82,15 @@ def _latent_distill(args: argparse.Namespace) -> int:
     from cdm_fast.distill.latent import LatentDistillConfig, run
 
     try:
-        report = run(
-            LatentDistillConfig(
-                out=args.out,
-                teacher=args.teacher,
-                cache=args.cache,
-                data=args.data,
-                cache_layers=tuple(int(x) for x in args.cache_layers.split(","))
-                if args.cache_layers
-                else None,
-                cache_dtype=args.cache_dtype,
-                student=args.student,
-                student_init=args.student_init,
-                student_lora_rank=args.student_lora_rank,
-                student_lora_alpha=args.student_lora_alpha,
-                layer_map=args.layer_map,
-                projection=args.projection,
-                num_frequencies=args.num_frequencies,
-                sigma=args.sigma,
-                sigma_scale=args.sigma_scale,
-                projection_precision=args.projection_precision,
-                ce_weight=args.ce_weight,
-                mse_weight=args.mse_weight,
-                lr=args.lr,
-                batch_size=args.batch_size,
-                max_steps=args.max_steps,
-                heldout_sequences=args.heldout_sequences,
-                checkpoint_every=args.checkpoint_every,
-                eval_problems_per_task=args.eval_problems_per_task,
-                eval_max_new_tokens=args.eval_max_new_tokens,
-                eval_num_shots=args.eval_num_shots,
-                eval_freetext_passages=args.eval_freetext_passages,
-                seed=args.seed,
-                resume=args.resume,
-                overwrite=args.overwrite,
-                progress=not args.no_progress,
-            )
-        )
+        report = run(_config(LatentDistillConfig, args))
+        is_main = distributed.current_rank() == 0
     finally:
         distributed.shutdown()
-    print(
-        f"{args.out}/report.md  held-out perplexity: cache {report['heldout_perplexity']}, "
-        f"free text {report['freetext_perplexity']}"
-    )
+    if is_main:
+        print(
+            f"{args.out}/report.md  held-out perplexity: cache {report['heldout_perplexity']}, "
+            f"free text {report['freetext_perplexity']}"
+        )
     return 0
 
 
@@ -237,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--dropout", type=float, default=0.0)
     distill.add_argument(
         "--target-modules",
-        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-        help="comma list",
+        type=_names,
+        default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        help="comma list (default: every attention and MLP projection)",
     )
     distill.add_argument("--max-steps", type=int, default=20, help="optimizer steps per LoRA (CPU default)")
     distill.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch")
@@ -265,18 +186,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cache_latents.add_argument("--teacher", default="smollm2-135m", help="embedded name, HF folder, hub id")
     cache_latents.add_argument("--data", help="JSONL with 'text' (default: logic suite)")
-    cache_latents.add_argument("--layers", help="hidden_states indices, e.g. 5,10,15")
+    cache_latents.add_argument("--layers", type=_ints, help="hidden_states indices, e.g. 5,10,15")
     cache_latents.add_argument("--dtype", choices=("fp8", "bf16"), default="fp8")
     cache_latents.add_argument("--out", default="runs/latent-cache")
     cache_latents.add_argument("--max-length", type=int, default=320)
     cache_latents.add_argument("--batch-size", type=int, default=4)
     cache_latents.add_argument("--shard-sequences", type=int, default=64)
-    cache_latents.add_argument("--problems-per-task", type=int, default=2, help="default data size per task")
-    cache_latents.add_argument("--max-new-tokens", type=int, default=24, help="teacher solution length")
     cache_latents.add_argument(
-        "--freetext", type=int, default=8, help="free-text prompts the teacher continues (default data)"
+        "--problems-per-task",
+        dest="default_problems_per_task",
+        type=int,
+        default=2,
+        help="default data size per task",
     )
-    cache_latents.add_argument("--freetext-max-new-tokens", type=int, default=48)
+    cache_latents.add_argument(
+        "--max-new-tokens",
+        dest="default_max_new_tokens",
+        type=int,
+        default=24,
+        help="teacher solution length",
+    )
+    cache_latents.add_argument(
+        "--freetext",
+        dest="default_freetext",
+        type=int,
+        default=8,
+        help="free-text prompts the teacher continues (default data)",
+    )
+    cache_latents.add_argument(
+        "--freetext-max-new-tokens", dest="default_freetext_max_new_tokens", type=int, default=48
+    )
     cache_latents.add_argument("--device-map", help="passed to from_pretrained, e.g. auto (one process)")
     cache_latents.add_argument("--seed", type=int, default=0)
     cache_latents.add_argument("--no-progress", action="store_true")
@@ -289,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     latent_distill.add_argument("--teacher", default="smollm2-135m")
     latent_distill.add_argument("--cache", help="latent cache (default: <out>/cache)")
     latent_distill.add_argument("--data", help="JSONL with 'text' for a cache built here")
-    latent_distill.add_argument("--cache-layers", help="teacher layers for a cache built here, e.g. 5,10,15")
+    latent_distill.add_argument(
+        "--cache-layers", type=_ints, help="teacher layers for a cache built here, e.g. 5,10,15"
+    )
     latent_distill.add_argument("--cache-dtype", choices=("fp8", "bf16"), default="fp8")
     latent_distill.add_argument(
         "--student", help="student HF folder, pretrained or config only (default: Llama 192x6)"

@@ -439,8 +439,16 @@ def test_two_process_gloo_run_equals_one_process_with_the_same_global_batch(tiny
         progress=False,
     )
     # 9 training sequences in global batches of 4: steps see 4, 4 and 1 rows (rank 1 has none in step 3).
+    # The evaluation is sharded too: 3 free-text passages and 7 logic problems over 2 ranks.
     distill_config = _distill_config(
-        tiny, tmp_path / "two", cache=cache_config.out, batch_size=4, max_steps=3, eval_freetext_passages=1
+        tiny,
+        tmp_path / "two",
+        cache=cache_config.out,
+        batch_size=4,
+        max_steps=3,
+        eval_freetext_passages=3,
+        eval_problems_per_task=1,
+        eval_max_new_tokens=4,
     )
     mp.spawn(_ddp_worker, args=(2, _free_port(), cache_config, distill_config), nprocs=2, join=True)
 
@@ -478,6 +486,15 @@ def test_two_process_gloo_run_equals_one_process_with_the_same_global_batch(tiny
         assert r2["tokens"] == r1["tokens"]
         for key in ("loss", "ce", "mse"):
             assert r2[key] == pytest.approx(r1[key], rel=1e-5), key
+    (eval_two,) = [r for r in rows if r["event"] == "eval"]
+    (eval_one,) = [r for r in rows_one if r["event"] == "eval"]
+    for part, key in (("heldout", "per_sequence_nll"), ("freetext", "per_passage_nll")):
+        assert len(eval_two[part][key]) == len(eval_one[part][key]) > 0, part
+        assert eval_two[part][key] == pytest.approx(eval_one[part][key], rel=1e-4), part
+    assert eval_two["freetext"]["tokens"] == eval_one["freetext"]["tokens"]
+    # Greedy decoding of two students equal to ~1e-5 may still part on a near tie: compare what was scored.
+    assert eval_two["logic"]["n"] == eval_one["logic"]["n"] == 7
+    assert list(eval_two["logic"]["accuracy"]) == list(eval_one["logic"]["accuracy"])
 
 
 def _teacher_config(tiny):

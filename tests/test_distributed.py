@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
+import torch
 import torch.multiprocessing as mp
 
 from cdm_fast.distill import distributed
@@ -18,6 +20,18 @@ def test_single_process_context_is_the_identity():
     assert distributed.broadcast("x", context) == "x"
     assert distributed.all_sum(2.5, context) == 2.5
     assert distributed.map_sharded(lambda xs: [x * 10 for x in xs], items, context) == [x * 10 for x in items]
+
+
+def test_weight_grads_are_deferred_only_on_cuda_in_one_process():
+    cuda = torch.device("cuda", 0)
+    assert distributed.defers_weight_grads(distributed.Context(device=cuda))
+    assert not distributed.defers_weight_grads(distributed.Context())
+    assert not distributed.defers_weight_grads(distributed.Context(rank=1, world_size=2, device=cuda))
+    # a device-mapped model's own device decides, not the context's
+    assert distributed.defers_weight_grads(distributed.Context(), cuda)
+    assert not distributed.defers_weight_grads(distributed.Context(device=cuda), torch.device("cpu"))
+    no_op = distributed.deferred_weight_grads(distributed.Context())
+    assert isinstance(no_op, contextlib.nullcontext)
 
 
 def _free_port() -> int:

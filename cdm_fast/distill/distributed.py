@@ -11,6 +11,7 @@ environment) `setup()` joins the process group (NCCL on CUDA, gloo on the CPU) a
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from collections.abc import Callable, Sequence
@@ -44,9 +45,35 @@ class Context:
 SINGLE_PROCESS = Context()
 
 
+def defers_weight_grads(context: Context, device: torch.device | None = None) -> bool:
+    """Whether `cdm_fast.wgrad`'s deferral applies: on CUDA (the deferred weight-gradient GEMMs run on a side
+    stream) in a single process (under DDP they would run after the reducer's gradient hooks have fired).
+
+    device: where the trained weights are, when not `context.device` (a model placed by a device map).
+    """
+    device = context.device if device is None else device
+    return device.type == "cuda" and not context.distributed
+
+
+def deferred_weight_grads(
+    context: Context, device: torch.device | None = None
+) -> contextlib.AbstractContextManager:
+    """`cdm_fast.wgrad.deferred()` where `defers_weight_grads` says it applies, a no-op elsewhere."""
+    if defers_weight_grads(context, device):
+        from cdm_fast import wgrad
+
+        return wgrad.deferred()
+    return contextlib.nullcontext()
+
+
 def launched() -> bool:
     """True under torchrun (or any launcher that sets WORLD_SIZE > 1)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def current_rank() -> int:
+    """This process's rank as its launcher set it (0 without one), before `setup` and after `shutdown`."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def setup(device: str | torch.device | None = None) -> Context:

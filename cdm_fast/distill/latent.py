@@ -64,7 +64,7 @@ from tqdm.auto import tqdm
 
 from cdm_fast.distill import distributed
 from cdm_fast.distill import latents as cache
-from cdm_fast.distill.distributed import Context
+from cdm_fast.distill.distributed import SINGLE_PROCESS, Context
 from cdm_fast.nn.projector import FourierProjector
 
 PROJECTIONS = ("fourier", "linear", "none")
@@ -453,21 +453,13 @@ def _truncate_metrics(path: Path, step: int) -> None:
     cache.atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
 
-def _defers_wgrad(context: Context) -> bool:
-    # The deferred weight-gradient GEMMs would run after DDP's reducer hooks have fired: single process only.
-    return context.device.type == "cuda" and not context.distributed
-
-
 def _gpu_step(context: Context) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA (the fused projection and LoRA kernels take bf16), plus `wgrad.deferred` there
     in a single process: the student's and projectors' weight-gradient GEMMs overlap the rest of backward."""
     stack = contextlib.ExitStack()
     if context.device.type == "cuda":
         stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
-    if _defers_wgrad(context):
-        from cdm_fast import wgrad
-
-        stack.enter_context(wgrad.deferred())
+    stack.enter_context(distributed.deferred_weight_grads(context))
     return stack
 
 
@@ -499,7 +491,7 @@ def train(config, out, student, projectors, pairs, reader, setup_record, context
         step_module = DistributedDataParallel(model, find_unused_parameters=not config.ce_weight)
     else:
         step_module = model
-    if _defers_wgrad(context):
+    if distributed.defers_weight_grads(context):
         from cdm_fast.wgrad import defer_wgrad
 
         defer_wgrad(student)
@@ -573,23 +565,32 @@ def train(config, out, student, projectors, pairs, reader, setup_record, context
 
 
 @torch.no_grad()
-def heldout_perplexity(student, reader) -> dict[str, Any]:
-    """Mean over the held-out cache sequences of each one's mean next-token NLL."""
+def heldout_perplexity(student, reader, context: Context = SINGLE_PROCESS) -> dict[str, Any]:
+    """Mean over the held-out cache sequences of each one's mean next-token NLL, the batches sharded over
+    ranks."""
     student.eval()
     device = student.get_input_embeddings().weight.device
-    per_sequence = []
-    for batch in reader:
-        input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        logits = student(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-        labels = input_ids[:, 1:]
-        mask = attention_mask[:, 1:].float()
-        nll = nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
-        per_sequence += ((nll * mask).sum(1) / mask.sum(1).clamp_min(1)).tolist()
+
+    def batch_nll(batches: list[dict]) -> list[list[float]]:
+        per_batch = []
+        for batch in batches:
+            input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            logits = student(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+            labels = input_ids[:, 1:]
+            mask = attention_mask[:, 1:].float()
+            nll = nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
+            per_batch.append(((nll * mask).sum(1) / mask.sum(1).clamp_min(1)).tolist())
+        return per_batch
+
+    per_sequence = [
+        nll for batch in distributed.map_sharded(batch_nll, list(reader), context) for nll in batch
+    ]
     return {"mean_nll": sum(per_sequence) / len(per_sequence), "per_sequence_nll": per_sequence}
 
 
-def freetext_perplexity(student, tokenizer, config) -> dict[str, Any]:
-    """Perplexity on the held-out free-text passages (`cdm_fast.freetext.passages("eval")`, never cached)."""
+def freetext_perplexity(student, tokenizer, config, context: Context = SINGLE_PROCESS) -> dict[str, Any]:
+    """Perplexity on the held-out free-text passages (`cdm_fast.freetext.passages("eval")`, never cached),
+    the passages sharded over ranks."""
     from cdm_fast import freetext
 
     texts = freetext.passages("eval")
@@ -597,18 +598,25 @@ def freetext_perplexity(student, tokenizer, config) -> dict[str, Any]:
         texts = texts[: config.eval_freetext_passages]
     if not texts:
         return {"skipped": True}
-    result = freetext.perplexity(student, tokenizer, texts, max_length=512, batch_size=config.batch_size)
-    per_passage = [s / max(c, 1) for s, c in zip(result["nll_sums"], result["token_counts"], strict=True)]
+
+    def passage_nll(shard: list[str]) -> list[tuple[float, int]]:
+        result = freetext.perplexity(student, tokenizer, shard, max_length=512, batch_size=config.batch_size)
+        return list(zip(result["nll_sums"], result["token_counts"], strict=True))
+
+    per_passage = distributed.map_sharded(passage_nll, texts, context)
+    tokens = sum(count for _, count in per_passage)
+    nll = sum(total for total, _ in per_passage) / max(tokens, 1)
     return {
-        "nll": result["nll"],
-        "perplexity": result["perplexity"],
-        "tokens": result["tokens"],
+        "nll": nll,
+        "perplexity": math.exp(nll),
+        "tokens": tokens,
         "passages": len(texts),
-        "per_passage_nll": per_passage,
+        "per_passage_nll": [total / max(count, 1) for total, count in per_passage],
     }
 
 
-def evaluate_logic(student, tokenizer, config) -> dict[str, Any]:
+def evaluate_logic(student, tokenizer, config, context: Context = SINGLE_PROCESS) -> dict[str, Any]:
+    """Greedy accuracy on eval-split problems of the logic mix, the problems sharded over ranks."""
     from cdm_fast.logic import evaluate, generate
 
     if config.eval_problems_per_task < 1:
@@ -617,12 +625,23 @@ def evaluate_logic(student, tokenizer, config) -> dict[str, Any]:
         config.eval_problems_per_task, seed=config.seed + 1, split="eval", num_shots=config.eval_num_shots
     )
     student.eval()
-    result = evaluate(
-        student, tokenizer, problems, max_new_tokens=config.eval_max_new_tokens, progress=config.progress
-    )
-    scores = [1.0 if r["score"] == 1.0 else 0.0 for r in result["results"]]
+
+    def scores_of(shard: list) -> list[float]:
+        result = evaluate(
+            student,
+            tokenizer,
+            shard,
+            max_new_tokens=config.eval_max_new_tokens,
+            progress=config.progress and context.is_main,
+        )
+        return [1.0 if r["score"] == 1.0 else 0.0 for r in result["results"]]
+
+    scores = distributed.map_sharded(scores_of, problems, context)
+    by_task: dict[str, list[float]] = {}
+    for problem, score in zip(problems, scores, strict=True):
+        by_task.setdefault(problem.task, []).append(score)
     return {
-        "accuracy": result["accuracy"],
+        "accuracy": {task: sum(values) / len(values) for task, values in by_task.items()},
         "overall": sum(scores) / len(scores),
         "scores": scores,
         "n": len(scores),
@@ -819,26 +838,29 @@ def run(config: LatentDistillConfig) -> dict[str, Any]:
     pairs_used = [] if config.projection == "none" else pairs
     train(config, out, student, projectors, pairs_used, train_reader, setup_record, context)
     distributed.barrier(context)
-    report = None
-    if context.is_main:
-        report = evaluate_and_report(config, out, student, projectors, tokenizer, cache_dir, expect, context)
+    report = evaluate_and_report(config, out, student, projectors, tokenizer, cache_dir, expect, context)
     return distributed.broadcast(report, context)
 
 
-def evaluate_and_report(config, out, student, projectors, tokenizer, cache_dir, expect, context) -> dict:
-    """Rank 0: held-out cache and free-text perplexity, logic accuracy, the saved student, the report."""
+def evaluate_and_report(
+    config, out, student, projectors, tokenizer, cache_dir, expect, context
+) -> dict | None:
+    """Held-out cache and free-text perplexity and logic accuracy, sharded over the ranks; then, on rank 0,
+    the eval record, the saved student and the report (returned; None on the other ranks)."""
     total = cache.read_manifest(cache_dir)["num_sequences"]
     heldout = min(config.heldout_sequences, total - 1)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     heldout_reader = cache.LatentReader(
         cache_dir, expect, batch_size=config.batch_size, layers=[], start=total - heldout, pad_id=pad_id
     )
-    ppl = heldout_perplexity(student, heldout_reader)
+    ppl = heldout_perplexity(student, heldout_reader, context)
     ppl["nll_ci95"] = bootstrap_ci(ppl["per_sequence_nll"], config.bootstrap_samples, config.seed)
-    free = freetext_perplexity(student, tokenizer, config)
+    free = freetext_perplexity(student, tokenizer, config, context)
     if "per_passage_nll" in free:
         free["nll_ci95"] = bootstrap_ci(free["per_passage_nll"], config.bootstrap_samples, config.seed)
-    logic = evaluate_logic(student, tokenizer, config)
+    logic = evaluate_logic(student, tokenizer, config, context)
+    if not context.is_main:
+        return None
     if "scores" in logic:
         logic["overall_ci95"] = bootstrap_ci(logic["scores"], config.bootstrap_samples, config.seed)
     _log(

@@ -187,6 +187,28 @@ def problems_for(split: str, n: int, seed: int) -> list[logic.Problem]:
     return [task[i] for i in range(per_task) for task in by_task][:n]
 
 
+@dataclass(frozen=True)
+class EvalSet:
+    """What each evaluation (before, distill, control) measures on, built once per run."""
+
+    problems: list[logic.Problem]  # eval-split problems of the training mix: CDM, deep rate, accuracy
+    outside_mix: list[logic.Problem]  # eval-split problems of logic.OUTSIDE_MIX_TASKS: shallow accuracy
+    passages: list[str]  # held-out free-text passages: shallow perplexity
+
+    @classmethod
+    def of(cls, config: LoraDistillConfig) -> EvalSet:
+        outside_mix = []
+        if config.num_shallow_prompts:
+            outside_mix = logic.generate(
+                config.num_shallow_prompts, seed=config.seed, tasks=logic.OUTSIDE_MIX_TASKS, split="eval"
+            )
+        return cls(
+            problems=problems_for("eval", config.num_eval_prompts, config.seed),
+            outside_mix=outside_mix,
+            passages=freetext.passages("eval"),
+        )
+
+
 def score_prompts(
     model, tokenizer, prompts: list[str], config: LoraDistillConfig, context: Context = SINGLE_PROCESS
 ) -> list[cdm.CDMResult]:
@@ -451,15 +473,6 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _deferral(device: torch.device, context: Context):
-    # The deferred weight-gradient GEMMs would run after DDP's reducer hooks have fired: single process only.
-    if device.type == "cuda" and not context.distributed:
-        from cdm_fast import wgrad
-
-        return wgrad.deferred()
-    return contextlib.nullcontext()
-
-
 def train(
     model,
     tokenizer,
@@ -538,7 +551,7 @@ def train(
                 sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches), context
             )
             total = 0.0
-            with _deferral(device, context):
+            with distributed.deferred_weight_grads(context, device):
                 for i, batch in enumerate(batches):
                     batch = {k: v.to(device) for k, v in batch.items()}
                     last = i == len(batches) - 1
@@ -591,7 +604,7 @@ def train(
 def evaluate(
     model,
     tokenizer,
-    problems: list[logic.Problem],
+    eval_set: EvalSet,
     config: LoraDistillConfig,
     name: str,
     metrics,
@@ -599,6 +612,7 @@ def evaluate(
 ):
     """CDM, parts, deep flag and logic correctness per eval prompt, written to metrics as one record, then
     the shallow-skill record (`evaluate_shallow`)."""
+    problems = eval_set.problems
     results = score_prompts(model, tokenizer, [p.prompt() for p in problems], config, context)
     summary = cdm.summarize(
         results, threshold=config.threshold, n_bootstrap=config.n_bootstrap, seed=config.seed
@@ -614,7 +628,7 @@ def evaluate(
         correct=correct,
         completions=[r.completion for r in results],
     )
-    shallow = evaluate_shallow(model, tokenizer, config, name, metrics, context)
+    shallow = evaluate_shallow(model, tokenizer, eval_set, config, name, metrics, context)
     if context.is_main:
         print(
             f"eval {name}: CDM {summary['cdm_mean']:.2f}, deep rate {summary['deep_rate']:.3f}, "
@@ -624,16 +638,8 @@ def evaluate(
     return results
 
 
-def shallow_problems(config: LoraDistillConfig) -> list[logic.Problem]:
-    if config.num_shallow_prompts == 0:
-        return []
-    return logic.generate(
-        config.num_shallow_prompts, seed=config.seed, tasks=logic.OUTSIDE_MIX_TASKS, split="eval"
-    )
-
-
 def evaluate_shallow(
-    model, tokenizer, config: LoraDistillConfig, name: str, metrics, context: Context
+    model, tokenizer, eval_set: EvalSet, config: LoraDistillConfig, name: str, metrics, context: Context
 ) -> dict:
     """Perplexity on the held-out free-text passages and greedy accuracy on the tasks outside the mix."""
 
@@ -652,10 +658,10 @@ def evaluate_shallow(
         )["results"]
         return [float(r["score"] == 1.0) for r in results]
 
-    per_passage = distributed.map_sharded(passage_nll, freetext.passages("eval"), context)
+    per_passage = distributed.map_sharded(passage_nll, eval_set.passages, context)
     sums, counts = [s for s, _ in per_passage], [c for _, c in per_passage]
     nll = sum(sums) / max(1, sum(counts))
-    problems = shallow_problems(config)
+    problems = eval_set.outside_mix
     correct = distributed.map_sharded(solved, problems, context)
     record = {
         "perplexity": math.exp(nll),
@@ -967,11 +973,11 @@ def _run(config: LoraDistillConfig, out: Path, started: float, context: Context,
     if context.is_main:
         (out / "config.json").write_text(json.dumps(asdict(config), indent=2), encoding="utf-8")
     kept = [r for r in records if r["kept"]]
-    eval_problems = problems_for("eval", config.num_eval_prompts, config.seed)
-    evaluate(model, tokenizer, eval_problems, config, "before", metrics, context)
+    eval_set = EvalSet.of(config)
+    evaluate(model, tokenizer, eval_set, config, "before", metrics, context)
 
     peft_model = train(model, tokenizer, kept, config, out, "distill", metrics, context)
-    evaluate(peft_model, tokenizer, eval_problems, config, "distill", metrics, context)
+    evaluate(peft_model, tokenizer, eval_set, config, "distill", metrics, context)
     if context.is_main:
         _save_adapter(peft_model, out / "adapter")
     model = _unwrap(peft_model)
@@ -980,7 +986,7 @@ def _run(config: LoraDistillConfig, out: Path, started: float, context: Context,
         if context.is_main:
             _write_jsonl(out / "control_dataset.jsonl", random_records)
         control = train(model, tokenizer, random_records, config, out, "control", metrics, context)
-        evaluate(control, tokenizer, eval_problems, config, "control", metrics, context)
+        evaluate(control, tokenizer, eval_set, config, "control", metrics, context)
         if context.is_main:
             _save_adapter(control, out / "control_adapter")
         model = _unwrap(control)
