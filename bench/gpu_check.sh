@@ -3,6 +3,9 @@
 #
 #     bash bench/gpu_check.sh OUTDIR [STEP ...]    STEP: env build tests sanitizer bench report (default: all)
 #
+# (deps)     first in every call when .whl/ exists (bench/gpu_wheels.sh fills it here; carry it): the
+#            packages the GPU image lacks, installed into $GPU_CHECK_SITE (default /tmp/cdm_fast_site),
+#            which goes on PYTHONPATH for the steps                               -> OUTDIR/build.log
 # env        nvidia-smi, python/torch/triton/nvcc/compute-sanitizer versions      -> OUTDIR/summary.txt
 # build      pip install -e . for this GPU's arch only, then `cdm-fast doctor`     -> OUTDIR/build.log
 # tests      pytest -m gpu                                                         -> OUTDIR/tests.log
@@ -91,6 +94,18 @@ EOF
     } >>"$SUMMARY" 2>&1
 }
 
+step_deps() {
+    local site=${GPU_CHECK_SITE:-/tmp/cdm_fast_site} archives
+    shopt -s nullglob
+    archives=(.whl/*.whl .whl/*.tar.gz)
+    shopt -u nullglob
+    ((${#archives[@]})) || return 0
+    # No index there: no build isolation either (pycosat compiles against the image's setuptools).
+    run_step deps 300 "$OUT_DIR/build.log" "$PYTHON" -m pip install -q --no-index --no-deps --no-compile \
+        --no-cache-dir --no-build-isolation --upgrade --target "$site" "${archives[@]}"
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+}
+
 step_build() {
     local archs=${CDM_FAST_CUDA_ARCHS:-}
     if [[ -z $archs ]]; then
@@ -103,7 +118,9 @@ step_build() {
 }
 
 step_tests() {
-    run_step tests 360 "$OUT_DIR/tests.log" "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider
+    # A test module that cannot be imported (a package missing there) must not stop the others' GPU tests.
+    run_step tests 360 "$OUT_DIR/tests.log" "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider \
+        --continue-on-collection-errors
     (($? == 5)) && echo "                   (pytest rc 5: no test marked gpu was collected)" >>"$SUMMARY"
 }
 
@@ -197,6 +214,7 @@ step_report() {
 }
 
 SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+[[ -d .whl ]] && step_deps
 for step in "${STEPS[@]}"; do
     case $step in
     env | build | tests | sanitizer | bench | report) "step_$step" ;;
