@@ -650,14 +650,6 @@ def _describe(case: Case, env: dict, rows: list[dict]) -> str:
 
 
 def _table(rows: list[dict]) -> str:
-    notes: list[str] = []
-    for row in rows:
-        row["note_ref"] = None
-        row["peak_mib"] = None if row["peak_memory_bytes"] is None else row["peak_memory_bytes"] / 2**20
-        if row.get("note"):
-            if row["note"] not in notes:
-                notes.append(row["note"])
-            row["note_ref"] = f"[{notes.index(row['note']) + 1}]"
     columns = [
         common.Column("impl", "impl"),
         common.Column("entropy", "entropy"),
@@ -674,10 +666,7 @@ def _table(rows: list[dict]) -> str:
         common.Column("compile s", "compile_s", "{:.1f}"),
         common.Column("note", "note_ref"),
     ]
-    table = common.format_table(rows, columns)
-    for row in rows:
-        del row["note_ref"], row["peak_mib"]
-    return table + "".join(f"\n[{i}] {note}" for i, note in enumerate(notes, 1))
+    return common.format_table_with_notes(rows, columns, {"peak_mib": common.mib("peak_memory_bytes")})
 
 
 def parse_args(argv: list[str] | None, device: torch.device) -> argparse.Namespace:

@@ -16,7 +16,7 @@ import math
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -288,3 +288,28 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> s
 
     header = line([c.header for c in columns])
     return "\n".join([header, "-" * len(header)] + [line(r) for r in cells])
+
+
+def mib(key: str) -> Callable[[dict[str, Any]], float | None]:
+    """A `format_table_with_notes` cell: the row's byte count under `key` in MiB (None stays None)."""
+    return lambda row: None if row.get(key) is None else row[key] / 2**20
+
+
+def format_table_with_notes(
+    rows: Sequence[dict[str, Any]],
+    columns: Sequence[Column],
+    derived: Mapping[str, Callable[[dict[str, Any]], Any]] | None = None,
+) -> str:
+    """`format_table` with each distinct note as a numbered footnote under the table, referenced as [i] from
+    the column whose key is "note_ref". `derived` adds computed cells (key -> function of the row). The rows
+    themselves are not changed (they are also the JSON lines)."""
+    notes: list[str] = []
+    shown = []
+    for row in rows:
+        cells = {**row, **{key: cell(row) for key, cell in (derived or {}).items()}, "note_ref": None}
+        if row.get("note"):
+            if row["note"] not in notes:
+                notes.append(row["note"])
+            cells["note_ref"] = f"[{notes.index(row['note']) + 1}]"
+        shown.append(cells)
+    return format_table(shown, columns) + "".join(f"\n[{i}] {note}" for i, note in enumerate(notes, 1))

@@ -1009,15 +1009,6 @@ def _describe(case: Case, env: dict, sets_note: str) -> str:
 
 
 def _table(rows: list[dict], memory: bool = False) -> str:
-    notes: list[str] = []
-    for row in rows:
-        row["note_ref"] = None
-        row["peak_mib"] = None if row["peak_memory_bytes"] is None else row["peak_memory_bytes"] / 2**20
-        row["weights_mib"] = None if row["weights_bytes"] is None else row["weights_bytes"] / 2**20
-        if row.get("note"):
-            if row["note"] not in notes:
-                notes.append(row["note"])
-            row["note_ref"] = f"[{notes.index(row['note']) + 1}]"
     columns = [
         common.Column("impl", "impl"),
         common.Column("base", "base"),
@@ -1040,10 +1031,8 @@ def _table(rows: list[dict], memory: bool = False) -> str:
             common.Column("err fp64", "error_vs_float64", "{:.2e}"),
             common.Column("note", "note_ref"),
         ]
-    table = common.format_table(rows, columns)
-    for row in rows:
-        del row["note_ref"], row["peak_mib"], row["weights_mib"]
-    return table + "".join(f"\n[{i}] {note}" for i, note in enumerate(notes, 1))
+    derived = {"peak_mib": common.mib("peak_memory_bytes"), "weights_mib": common.mib("weights_bytes")}
+    return common.format_table_with_notes(rows, columns, derived)
 
 
 def _cases(suite: Suite, args) -> list[tuple[Shape, str]]:

@@ -477,12 +477,6 @@ def _describe(shape: Shape, env: dict, refs: References, sets, device: torch.dev
 
 
 def _table(rows: list[dict]) -> str:
-    notes = []
-    for row in rows:
-        row["note_ref"] = None
-        if row.get("note"):
-            notes.append(row["note"])
-            row["note_ref"] = f"[{len(notes)}]"
     columns = [
         common.Column("impl", "impl"),
         common.Column("precision", "precision"),
@@ -495,10 +489,7 @@ def _table(rows: list[dict]) -> str:
         common.Column("err quant", "error_quantized", "{:.2e}"),
         common.Column("note", "note_ref"),
     ]
-    table = common.format_table(rows, columns)
-    for row in rows:
-        del row["note_ref"]
-    return table + "".join(f"\n[{i}] {note}" for i, note in enumerate(notes, 1))
+    return common.format_table_with_notes(rows, columns)
 
 
 def parse_shape(text: str) -> Shape:

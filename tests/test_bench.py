@@ -109,3 +109,24 @@ def test_bench_all_entries_name_real_modules_with_a_main():
 
     for name, bench in bench_all.BENCHES.items():
         assert callable(importlib.import_module(bench.module).main), name
+
+
+def test_format_table_with_notes_numbers_distinct_notes_and_leaves_the_rows_alone():
+    rows = [
+        {"impl": "a", "bytes": 2**21, "note": "skipped: x"},
+        {"impl": "b", "bytes": None, "note": ""},
+        {"impl": "c", "bytes": 2**20, "note": "skipped: x"},
+        {"impl": "d", "bytes": 0, "note": "slow"},
+    ]
+    before = [dict(row) for row in rows]
+    columns = [
+        common.Column("impl", "impl"),
+        common.Column("MiB", "mib", "{:.1f}"),
+        common.Column("n", "note_ref"),
+    ]
+    text = common.format_table_with_notes(rows, columns, {"mib": common.mib("bytes")})
+    lines = text.splitlines()
+    assert lines[2].split() == ["a", "2.0", "[1]"] and lines[3].split() == ["b", "-", "-"]
+    assert lines[4].split() == ["c", "1.0", "[1]"] and lines[5].split() == ["d", "0.0", "[2]"]
+    assert lines[6:] == ["[1] skipped: x", "[2] slow"]
+    assert rows == before
