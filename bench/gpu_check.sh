@@ -12,7 +12,7 @@
 # sanitizer  compute-sanitizer memcheck + racecheck over one small call of the
 #            "cuda" backend, then of the "triton" one (skipped when unavailable)  -> OUTDIR/sanitizer.log
 # bench      python -m bench.all --check-targets (GPU_CHECK_BENCHES=lora,attention picks a subset of
-#            projection lora lora_4bit lora_decode wgrad attention lora_distill latent_memory);
+#            projection lora lora_4bit lora_decode wgrad attention lora_distill latent_memory cdm);
 #            JSON lines in OUTDIR, and appended to bench/results/                -> OUTDIR/bench.log
 # report     python -m bench.report: BENCHMARKS.md from bench/results/, copied     -> OUTDIR/BENCHMARKS.md
 #            to OUTDIR (its output goes to bench.log)

@@ -58,7 +58,7 @@ COMMANDS = {
     "wgrad": f"GPU_CHECK_BENCHES=wgrad {GPU_CHECK}",
     "lora_distill": f"GPU_CHECK_BENCHES=lora_distill {GPU_CHECK}",
     "latent_memory": f"GPU_CHECK_BENCHES=latent_memory {GPU_CHECK}",
-    "cdm": "python -m bench.cdm",
+    "cdm": f"GPU_CHECK_BENCHES=cdm {GPU_CHECK}",
 }
 # What a bench's rows carry for a roofline (read from the bench code that builds them).
 SCHEMA_GAPS = {
@@ -970,8 +970,8 @@ def _not_measured(device_runs: dict[str, dict[str, Run]], results: Mapping[str, 
     lines += [
         "`bash bench/gpu_check.sh OUT bench` runs `python -m bench.all --check-targets` (every run in "
         f"`bench.all.BENCHES`: {', '.join(bench_all.BENCHES)}); `GPU_CHECK_BENCHES=a,b` picks a subset "
-        "(one or two fit a 10-minute call). cdm needs the embedded model, which does not travel to the GPU "
-        "machine: it is a separate command.",
+        "(one or two fit a 10-minute call). The embedded model does not travel to the GPU machine: there "
+        "bench.cdm scores with SmolLM2-135M's configuration and random weights (its rows name the model).",
         "",
         "Transformer Engine is not a peer: its wheel (276 MB) cannot travel to the GPU machine, so the "
         "projection bench's `te-fp8-linear` row and lora's `te-linear` row are skipped with that reason.",
