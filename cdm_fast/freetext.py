@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -98,36 +99,50 @@ def prompts(split: str, n: int) -> list[str]:
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, texts: list[str], max_length: int = 512, batch_size: int = 4) -> dict:
+def perplexity(
+    model,
+    tokenizer,
+    texts: list[str],
+    max_length: int = 512,
+    batch_size: int = 4,
+    map_texts: Callable[[Callable[[list[str]], list], list[str]], list] | None = None,
+) -> dict:
     """Next-token NLL of `model` on `texts` (each cut to `max_length` tokens, BOS as the tokenizer adds it).
 
     Returns {"nll": token-weighted mean NLL (nats), "perplexity": exp of it, "tokens": total scored tokens,
-    "nll_sums": per text, "token_counts": per text}. Padding never counts; batches are right-padded.
+    "nll_sums": per text, "token_counts": per text, "nll_per_text": per text, mean per token}. Padding never
+    counts; batches are right-padded. map_texts(f, texts) spreads the per-text work and must return f's
+    results for every text, in order (e.g. `distributed.map_sharded` over ranks); default f(texts).
     """
     if not texts:
         raise ValueError("texts: expected at least one text, got none")
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = [list(tokenizer(t)["input_ids"])[:max_length] for t in texts]
-    sums, counts = [], []
+
+    def per_text(shard: list[str]) -> list[tuple[float, int]]:
+        encoded = [list(tokenizer(t)["input_ids"])[:max_length] for t in shard]
+        pairs = []
+        for first in range(0, len(encoded), batch_size):
+            chunk = encoded[first : first + batch_size]
+            length = max(len(ids) for ids in chunk)
+            input_ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), length), dtype=torch.long)
+            for row, ids in enumerate(chunk):
+                input_ids[row, : len(ids)] = torch.tensor(ids)
+                mask[row, : len(ids)] = 1
+            input_ids, mask = input_ids.to(device), mask.to(device)
+            logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+            targets = input_ids[:, 1:]
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+            valid = mask[:, 1:].bool()
+            pairs += zip((nll * valid).sum(1).tolist(), valid.sum(1).tolist(), strict=True)
+        return pairs
+
     was_training = model.training
     model.eval()
-    for first in range(0, len(encoded), batch_size):
-        chunk = encoded[first : first + batch_size]
-        length = max(len(ids) for ids in chunk)
-        input_ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), length), dtype=torch.long)
-        for row, ids in enumerate(chunk):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            mask[row, : len(ids)] = 1
-        input_ids, mask = input_ids.to(device), mask.to(device)
-        logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
-        targets = input_ids[:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-        valid = mask[:, 1:].bool()
-        sums += (nll * valid).sum(1).tolist()
-        counts += valid.sum(1).tolist()
+    pairs = (map_texts or (lambda f, items: f(items)))(per_text, texts)
     model.train(was_training)
+    sums, counts = [total for total, _ in pairs], [count for _, count in pairs]
     tokens = sum(counts)
     mean = sum(sums) / max(1, tokens)
     return {
@@ -136,4 +151,5 @@ def perplexity(model, tokenizer, texts: list[str], max_length: int = 512, batch_
         "tokens": tokens,
         "nll_sums": sums,
         "token_counts": counts,
+        "nll_per_text": [total / max(1, count) for total, count in pairs],
     }

@@ -66,6 +66,16 @@ def deferred_weight_grads(
     return contextlib.nullcontext()
 
 
+def check_device_map(device_map: Any, context: Context) -> None:
+    """Refuse a device map under several processes: it spreads one model over every visible device, and each
+    rank would spread its own copy over the same devices."""
+    if device_map is not None and context.distributed:
+        raise ValueError(
+            f"device_map: {device_map!r} spreads one model over every visible device; expected a single "
+            f"process, got world size {context.world_size} (drop --device-map under torchrun)"
+        )
+
+
 def launched() -> bool:
     """True under torchrun (or any launcher that sets WORLD_SIZE > 1)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -599,19 +599,20 @@ def freetext_perplexity(student, tokenizer, config, context: Context = SINGLE_PR
     if not texts:
         return {"skipped": True}
 
-    def passage_nll(shard: list[str]) -> list[tuple[float, int]]:
-        result = freetext.perplexity(student, tokenizer, shard, max_length=512, batch_size=config.batch_size)
-        return list(zip(result["nll_sums"], result["token_counts"], strict=True))
-
-    per_passage = distributed.map_sharded(passage_nll, texts, context)
-    tokens = sum(count for _, count in per_passage)
-    nll = sum(total for total, _ in per_passage) / max(tokens, 1)
+    result = freetext.perplexity(
+        student,
+        tokenizer,
+        texts,
+        max_length=512,
+        batch_size=config.batch_size,
+        map_texts=lambda f, shard: distributed.map_sharded(f, shard, context),
+    )
     return {
-        "nll": nll,
-        "perplexity": math.exp(nll),
-        "tokens": tokens,
+        "nll": result["nll"],
+        "perplexity": result["perplexity"],
+        "tokens": result["tokens"],
         "passages": len(texts),
-        "per_passage_nll": [total / max(count, 1) for total, count in per_passage],
+        "per_passage_nll": result["nll_per_text"],
     }
 
 
@@ -626,22 +627,17 @@ def evaluate_logic(student, tokenizer, config, context: Context = SINGLE_PROCESS
     )
     student.eval()
 
-    def scores_of(shard: list) -> list[float]:
-        result = evaluate(
-            student,
-            tokenizer,
-            shard,
-            max_new_tokens=config.eval_max_new_tokens,
-            progress=config.progress and context.is_main,
-        )
-        return [1.0 if r["score"] == 1.0 else 0.0 for r in result["results"]]
-
-    scores = distributed.map_sharded(scores_of, problems, context)
-    by_task: dict[str, list[float]] = {}
-    for problem, score in zip(problems, scores, strict=True):
-        by_task.setdefault(problem.task, []).append(score)
+    result = evaluate(
+        student,
+        tokenizer,
+        problems,
+        max_new_tokens=config.eval_max_new_tokens,
+        progress=config.progress and context.is_main,
+        map_problems=lambda f, shard: distributed.map_sharded(f, shard, context),
+    )
+    scores = [1.0 if r["score"] == 1.0 else 0.0 for r in result["results"]]
     return {
-        "accuracy": {task: sum(values) / len(values) for task, values in by_task.items()},
+        "accuracy": result["accuracy"],
         "overall": sum(scores) / len(scores),
         "scores": scores,
         "n": len(scores),
@@ -854,13 +850,13 @@ def evaluate_and_report(
         cache_dir, expect, batch_size=config.batch_size, layers=[], start=total - heldout, pad_id=pad_id
     )
     ppl = heldout_perplexity(student, heldout_reader, context)
-    ppl["nll_ci95"] = bootstrap_ci(ppl["per_sequence_nll"], config.bootstrap_samples, config.seed)
     free = freetext_perplexity(student, tokenizer, config, context)
-    if "per_passage_nll" in free:
-        free["nll_ci95"] = bootstrap_ci(free["per_passage_nll"], config.bootstrap_samples, config.seed)
     logic = evaluate_logic(student, tokenizer, config, context)
     if not context.is_main:
         return None
+    ppl["nll_ci95"] = bootstrap_ci(ppl["per_sequence_nll"], config.bootstrap_samples, config.seed)
+    if "per_passage_nll" in free:
+        free["nll_ci95"] = bootstrap_ci(free["per_passage_nll"], config.bootstrap_samples, config.seed)
     if "scores" in logic:
         logic["overall_ci95"] = bootstrap_ci(logic["scores"], config.bootstrap_samples, config.seed)
     _log(

@@ -164,11 +164,7 @@ def load_teacher(config: CacheLatentsConfig, context: Context):
     """(model, tokenizer) from `cdm_fast.models.load`, on this rank's device or spread by `device_map`."""
     from cdm_fast import models
 
-    if config.device_map is not None and context.distributed:
-        raise ValueError(
-            f"device_map: {config.device_map!r} spreads one teacher over every visible device; expected a "
-            f"single process, got world size {context.world_size} (drop --device-map under torchrun)"
-        )
+    distributed.check_device_map(config.device_map, context)
     return models.load(config.teacher, device=context.device, device_map=config.device_map)
 
 

@@ -642,32 +642,29 @@ def evaluate_shallow(
     model, tokenizer, eval_set: EvalSet, config: LoraDistillConfig, name: str, metrics, context: Context
 ) -> dict:
     """Perplexity on the held-out free-text passages and greedy accuracy on the tasks outside the mix."""
-
-    def passage_nll(texts: list[str]) -> list[tuple[float, int]]:
-        result = freetext.perplexity(model, tokenizer, texts, max_length=config.perplexity_max_length)
-        return list(zip(result["nll_sums"], result["token_counts"], strict=True))
-
-    def solved(problems: list[logic.Problem]) -> list[float]:
-        results = logic.evaluate(
-            model,
-            tokenizer,
-            problems,
-            batch_size=config.score_batch_size,
-            max_new_tokens=config.max_new_tokens,
-            progress=False,
-        )["results"]
-        return [float(r["score"] == 1.0) for r in results]
-
-    per_passage = distributed.map_sharded(passage_nll, eval_set.passages, context)
-    sums, counts = [s for s, _ in per_passage], [c for _, c in per_passage]
-    nll = sum(sums) / max(1, sum(counts))
+    free = freetext.perplexity(
+        model,
+        tokenizer,
+        eval_set.passages,
+        max_length=config.perplexity_max_length,
+        map_texts=lambda f, texts: distributed.map_sharded(f, texts, context),
+    )
     problems = eval_set.outside_mix
-    correct = distributed.map_sharded(solved, problems, context)
+    solved = logic.evaluate(
+        model,
+        tokenizer,
+        problems,
+        batch_size=config.score_batch_size,
+        max_new_tokens=config.max_new_tokens,
+        progress=False,
+        map_problems=lambda f, shard: distributed.map_sharded(f, shard, context),
+    )
+    correct = [float(r["score"] == 1.0) for r in solved["results"]]
     record = {
-        "perplexity": math.exp(nll),
-        "nll": nll,
-        "nll_per_passage": [s / max(1, c) for s, c in zip(sums, counts, strict=True)],
-        "tokens": sum(counts),
+        "perplexity": free["perplexity"],
+        "nll": free["nll"],
+        "nll_per_passage": free["nll_per_text"],
+        "tokens": free["tokens"],
         "accuracy": float(np.mean(correct)) if correct else float("nan"),
         "tasks": [p.task for p in problems],
         "correct": correct,
@@ -923,11 +920,7 @@ def _run(config: LoraDistillConfig, out: Path, started: float, context: Context,
             # bf16 compute on CUDA as QLoRA does (the loop autocasts to bf16 there); load dtype on the CPU.
             compute = torch.bfloat16 if context.device.type == "cuda" else None
             quantization = models.Quantization4bit(config.load_in_4bit, compute_dtype=compute)
-        if config.device_map is not None and context.distributed:
-            raise ValueError(
-                f"device_map: {config.device_map!r} spreads one model over every visible device; expected a "
-                f"single process, got world size {context.world_size} (drop --device-map under torchrun)"
-            )
+        distributed.check_device_map(config.device_map, context)
         model, tokenizer = models.load(
             config.model, device=context.device, load_in_4bit=quantization, device_map=config.device_map
         )

@@ -10,7 +10,7 @@ without adding them again.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -27,11 +27,14 @@ def evaluate(
     batch_size: int = 8,
     max_new_tokens: int = 64,
     progress: bool = True,
+    map_problems: Callable[[Callable[[list[Problem]], list], list[Problem]], list] | None = None,
 ) -> dict[str, Any]:
     """Greedy-decode every problem's prompt and score it.
 
     Returns ``{"accuracy": {task: fraction scoring 1.0}, "mean_score": {task: mean score},
     "results": [per problem: task, difficulty, prompt_format, index, answer, completion, extracted, score]}``.
+    map_problems(f, problems) spreads the per-problem work and must return f's results for every problem, in
+    order (e.g. `distributed.map_sharded` over ranks); default f(problems).
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size, max_new_tokens: expected >= 1, got {batch_size} and {max_new_tokens}")
@@ -41,15 +44,14 @@ def evaluate(
             f"problems: expected one prompt_format, got {sorted(prompt_formats)}; evaluate each apart"
         )
     add_special_tokens = prompt_formats != {"chat"}
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = getattr(model, "device", torch.device("cpu"))
-    results = []
-    try:
-        with tqdm(total=len(problems), desc="logic suite", unit="problem", disable=not progress) as bar:
-            for start in range(0, len(problems), batch_size):
-                batch = problems[start : start + batch_size]
+
+    def solve(shard: list[Problem]) -> list[dict[str, Any]]:
+        results = []
+        with tqdm(total=len(shard), desc="logic suite", unit="problem", disable=not progress) as bar:
+            for start in range(0, len(shard), batch_size):
+                batch = shard[start : start + batch_size]
                 encoded = tokenizer(
                     [problem.prompt(tokenizer) for problem in batch],
                     return_tensors="pt",
@@ -82,6 +84,12 @@ def evaluate(
                         }
                     )
                 bar.update(len(batch))
+        return results
+
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        results = (map_problems or (lambda f, items: f(items)))(solve, list(problems))
     finally:
         tokenizer.padding_side = padding_side
     scores = defaultdict(list)
