@@ -287,7 +287,7 @@ def _key(key: str, spec: str = "{}", numeric: bool = True, header: str | None = 
 
 
 def _mib(key: str, header: str) -> Col:
-    return Col(header, lambda row: _fmt(None if row.get(key) is None else row[key] / 2**20, "{:.0f}"))
+    return Col(header, lambda row: _fmt(common.mib(key)(row), "{:.0f}"))
 
 
 def _rate_cols(ceilings: Mapping[str, float] | None) -> list[Col]:
@@ -308,16 +308,6 @@ def _rate_cols(ceilings: Mapping[str, float] | None) -> list[Col]:
         Col("floor ms", lambda r: _fmt(floor(r)[0], "{:.3f}")),
         Col("× floor", lambda r: _fmt(floor(r)[1], "{:.2f}")),
     ]
-
-
-def _untimed(rows: Sequence[dict], name_key: str = "impl") -> list[str]:
-    """One line per distinct (peer, note) of the run's rows that hold no measurement."""
-    lines = dict.fromkeys(
-        f"- `{r.get(name_key)}`: {r.get('note') or 'no timing recorded'}"
-        for r in rows
-        if not is_measurement(r)
-    )
-    return sorted(lines)
 
 
 def _run_header(run: Run) -> str:
@@ -474,7 +464,14 @@ def _shape_text(shape: Any) -> str:
 
 
 def _not_timed(rows: Sequence[dict], name_key: str = "impl") -> list[str]:
-    lines = _untimed(rows, name_key)
+    """A "Not timed" paragraph: one line per distinct (peer, note) of the rows that hold no measurement."""
+    lines = sorted(
+        dict.fromkeys(
+            f"- `{r.get(name_key)}`: {r.get('note') or 'no timing recorded'}"
+            for r in rows
+            if not is_measurement(r)
+        )
+    )
     return ["Not timed in this run:\n" + "\n".join(lines)] if lines else []
 
 
