@@ -11,9 +11,9 @@ import sys
 
 import triton
 import triton.language as tl
-from cdm_fast.kernels import projection, registry
 
 from bench import aot
+from cdm_fast.kernels import projection, registry
 
 
 @triton.jit

@@ -19,9 +19,9 @@ import warnings
 from pathlib import Path
 
 import pytest
-from cdm_fast.kernels import registry
 
 from bench import aot
+from cdm_fast.kernels import registry
 
 REPO = Path(__file__).resolve().parent.parent
 KERNEL_SOURCES = sorted((REPO / "kernels").glob("*.py"))

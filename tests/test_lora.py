@@ -32,6 +32,7 @@ from cdm_fast.ops.lora import dropout_keep, lora_linear, reference
 if devices.triton_available():
     import triton
     import triton.language as tl
+
     from cdm_fast.kernels import lora as lora_kernels
     from cdm_fast.kernels.common import dropout_keep as kernel_dropout_keep
 

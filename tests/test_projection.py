@@ -30,6 +30,7 @@ from cdm_fast.ops.projection import fourier_projection, reference
 if devices.triton_available():
     import triton
     import triton.language as tl
+
     from cdm_fast.kernels import projection as projection_kernels
     from cdm_fast.kernels.common import to_e4m3
 
