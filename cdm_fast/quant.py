@@ -1,7 +1,9 @@
 """bitsandbytes 4-bit weights (NF4 / FP4, QLoRA) as the kernels read them: packed codes and block scales.
 
-Memory layout (verified bit for bit against bitsandbytes 0.50.2's `dequantize_4bit` on the CPU, both its C
-kernel and its torch fallback; the CUDA kernel uses the same layout). The weight is (out, in), row-major;
+Memory layout (verified bit for bit against a float64 dequantisation from the codes, and against bitsandbytes
+0.50.2's `dequantize_4bit` where that is right: its torch fallback always, its CPU C kernel where blocksize
+divides in (its AVX512 path misplaces blocks that cross a row end: README); its CUDA kernel uses the same
+layout). The weight is (out, in), row-major;
 element (row, col) has the flat index f = row · in + col, and everything below is in terms of f, never of
 (row, col), so blocks and bytes run across row ends whenever in is odd or not a multiple of blocksize:
 
@@ -26,9 +28,21 @@ sign is the nibble's top bit). bitsandbytes dequantises with its own canonical t
 ignores quant_state.code, so `from_bitsandbytes` refuses a quant state whose code differs from it.
 
 bitsandbytes may store the bytes in another dtype (Params4bit's quant_storage, for FSDP); they are the same
-bytes, read here as uint8. It may also repack a weight for its AVX512-BF16 CPU GEMM (`Linear4bit.forward` in
-eval mode without grad on such a CPU: 32-row interleaved tiles, bf16 absmax transposed to
-(in / blocksize, out), `quant_state.packing_format_for_cpu = True`); that layout is refused.
+bytes, read here as uint8.
+
+bitsandbytes 0.50 repacks a weight in place for its AVX512-BF16 CPU GEMM: `Linear4bit.forward` in eval mode
+with an input that needs no grad, on a CPU where `bitsandbytes.functional.has_avx512bf16()`, replaces the
+codes and the quant state (`_convert_weight_packed_for_cpu`) and sets `quant_state.packing_format_for_cpu`:
+
+    codes    (out, in / 2) uint8: per tile of 32 rows and per column pair, 32 bytes whose low nibbles are rows
+             0-15 and high nibbles rows 16-31 (each row's two columns adjacent)
+    absmax   bfloat16 (in / blocksize, out): the real scales (double quantisation resolved) rounded to bf16,
+             transposed; quant_state.dtype becomes bfloat16
+
+It needs out % 32 == 0 and in % blocksize == 0 (on other shapes the repack itself fails). `from_bitsandbytes`
+reads that layout too, converting it back to the flat one above (new tensors: the repacked storage is not
+shared); the bf16 scales are what bitsandbytes computes with from then on. `keep_standard_layout(module)`
+stops bitsandbytes from repacking, so that a 4-bit model computes the same numbers on every x86 CPU.
 """
 
 from __future__ import annotations
@@ -131,19 +145,14 @@ def is_4bit(weight: object) -> bool:
 
 def from_bitsandbytes(weight: torch.Tensor) -> Weight4bit:
     """The packed 4-bit `weight` (a quantised `Params4bit`, or a uint8 tensor with a `quant_state`) as a
-    `Weight4bit`, sharing its storage. Raises ValueError naming `weight` for a layout the kernels cannot
+    `Weight4bit`, sharing its storage; a weight bitsandbytes repacked for its CPU GEMM is converted back to
+    the standard layout (module docstring). Raises ValueError naming `weight` for a layout the kernels cannot
     read."""
     state = getattr(weight, "quant_state", None)
     if state is None:
         raise ValueError(
             "weight: expected a quantised bitsandbytes 4-bit weight with a quant_state, got "
             f"{type(weight).__name__} without one (a Params4bit is quantised by its first .to(device))"
-        )
-    if getattr(state, "packing_format_for_cpu", False):
-        raise ValueError(
-            "weight: bitsandbytes repacked it for its AVX512-BF16 CPU inference path "
-            "(packing_format_for_cpu: interleaved 32-row tiles, bf16 transposed absmax), not the standard "
-            "4-bit layout; restore it with bitsandbytes.functional._convert_weight_packed_for_cpu_inverse"
         )
     if state.quant_type not in QUANT_TYPES:
         raise ValueError(f"weight: expected quant_type in {QUANT_TYPES}, got {state.quant_type!r}")
@@ -160,7 +169,17 @@ def from_bitsandbytes(weight: torch.Tensor) -> Weight4bit:
     out_features, in_features = (int(size) for size in state.shape)
     if not weight.is_contiguous():
         raise ValueError("weight: expected contiguous packed codes, got a strided view")
-    codes = weight.detach().view(torch.uint8).reshape(-1)
+    code = code_book(state.quant_type, weight.device)
+    if state.code is not None and not torch.equal(state.code.to(code.device, torch.float32), code):
+        raise ValueError(
+            f"weight: quant_state.code is not bitsandbytes' {state.quant_type} table, "
+            "which bitsandbytes dequantises with"
+        )
+    if getattr(state, "packing_format_for_cpu", False):
+        codes, absmax = _unpack_cpu_repacked(weight, state, out_features, in_features)
+    else:
+        codes = weight.detach().view(torch.uint8).reshape(-1)
+        absmax = state.absmax.reshape(-1)
     expected_bytes = -(-out_features * in_features // 2)
     if codes.numel() != expected_bytes:
         raise ValueError(
@@ -168,14 +187,7 @@ def from_bitsandbytes(weight: torch.Tensor) -> Weight4bit:
             f"({out_features}, {in_features}), "
             f"got {codes.numel()} ({weight.dtype}, shape {tuple(weight.shape)})"
         )
-    code = code_book(state.quant_type, codes.device)
-    if state.code is not None and not torch.equal(state.code.to(code.device, torch.float32), code):
-        raise ValueError(
-            f"weight: quant_state.code is not bitsandbytes' {state.quant_type} table, "
-            "which bitsandbytes dequantises with"
-        )
     num_blocks = -(-out_features * in_features // state.blocksize)
-    absmax = state.absmax.reshape(-1)
     nested_absmax = nested_code = None
     nested_blocksize, offset = 0, 0.0
     if state.nested:
@@ -226,6 +238,61 @@ def from_bitsandbytes(weight: torch.Tensor) -> Weight4bit:
         nested_blocksize=nested_blocksize,
         offset=offset,
     )
+
+
+CPU_REPACK_TILE_ROWS = 32  # bitsandbytes' block_n in _convert_weight_packed_for_cpu
+
+
+def cpu_repackable(out_features: int, in_features: int, blocksize: int) -> bool:
+    """Whether bitsandbytes 0.50's AVX512-BF16 CPU repack can take an (out, in) weight: on other shapes it
+    raises inside `Linear4bit.forward` (README)."""
+    return out_features % CPU_REPACK_TILE_ROWS == 0 and in_features % blocksize == 0 and in_features % 2 == 0
+
+
+def _unpack_cpu_repacked(
+    weight: torch.Tensor, state, out_features: int, in_features: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat packed codes, float32 absmax) of a weight bitsandbytes repacked for its CPU GEMM (layout in the
+    module docstring), after checking every part of that layout."""
+    blocksize = int(state.blocksize)
+    rows = CPU_REPACK_TILE_ROWS
+    if not cpu_repackable(out_features, in_features, blocksize):
+        raise ValueError(
+            f"weight: a CPU-repacked weight (packing_format_for_cpu) needs out % {rows} == 0 and "
+            f"in % blocksize == 0, got ({out_features}, {in_features}) with blocksize {blocksize}"
+        )
+    if weight.dtype != torch.uint8 or tuple(weight.shape) != (out_features, in_features // 2):
+        raise ValueError(
+            f"weight: expected CPU-repacked codes uint8 ({out_features}, {in_features // 2}), "
+            f"got {weight.dtype} {tuple(weight.shape)}"
+        )
+    absmax = state.absmax
+    expected_absmax = (in_features // blocksize, out_features)
+    if state.nested or absmax.dtype != torch.bfloat16 or tuple(absmax.shape) != expected_absmax:
+        raise ValueError(
+            f"weight: expected a CPU-repacked absmax bfloat16 {expected_absmax}, not double-quantised, got "
+            f"{absmax.dtype} {tuple(absmax.shape)}{' (nested)' if state.nested else ''}"
+        )
+    # Each 32-byte group is one (tile, column pair): low nibbles hold the tile's rows 0-15, high nibbles
+    # rows 16-31, each row's two columns side by side.
+    groups = weight.detach().reshape(-1, rows)
+    nibbles = torch.cat([groups & 0xF, groups >> 4], dim=1)
+    per_element = nibbles.reshape(out_features // rows, in_features // 2, rows, 2).transpose(1, 2).reshape(-1)
+    codes = (per_element[0::2] << 4) | per_element[1::2]
+    # (in / blocksize, out) transposed back is (out, in / blocksize) row-major: the flat block order.
+    return codes, absmax.t().reshape(-1).float()
+
+
+def keep_standard_layout(module: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking the 4-bit weights of `module`'s `Linear4bit` layers for its
+    AVX512-BF16 CPU GEMM (module docstring), so they keep their float32 scales and the model computes the same
+    numbers on every x86 CPU. Returns how many layers it set; a weight already repacked stays repacked
+    (`from_bitsandbytes` reads it)."""
+    linear4bit = getattr(sys.modules.get("bitsandbytes.nn"), "Linear4bit", None)
+    layers = [m for m in module.modules() if linear4bit is not None and isinstance(m, linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def dequantize_absmax(w: Weight4bit) -> torch.Tensor:

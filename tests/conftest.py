@@ -92,9 +92,36 @@ def embedded_model_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("embedded_model_cache")
 
 
+def dequantize_4bit_float64(codes: torch.Tensor, state) -> torch.Tensor:
+    """The values of a standard-layout bitsandbytes 4-bit weight, float64 (exact products of float32
+    factors), straight from its codes and bitsandbytes' definition rather than from cdm_fast.quant: nibbles
+    high first along the flat row-major index f, block f // blocksize, a double-quantised absmax resolved in
+    float32 as bitsandbytes does (nested code · nested absmax, then + offset). Round with
+    `.float().to(state.dtype)` for what a bit-exact dequantisation gives."""
+    functional = pytest.importorskip("bitsandbytes.functional")
+    numel = int(state.shape[0]) * int(state.shape[1])
+    packed = codes.reshape(-1).view(torch.uint8).long()
+    nibbles = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:numel]
+    code = functional.get_4bit_type(state.quant_type, device="cpu").double()
+    blocks = absmax_float32(state).double().repeat_interleave(state.blocksize)[:numel]
+    return (code[nibbles] * blocks).reshape(tuple(state.shape))
+
+
+def absmax_float32(state) -> torch.Tensor:
+    """A standard-layout quant state's per-block scales, float32 (num_blocks,), a double-quantised absmax
+    resolved as bitsandbytes does it (nested code · nested absmax, then + offset, each rounded to float32)."""
+    absmax = state.absmax.reshape(-1)
+    if not state.nested:
+        return absmax
+    nested = state.state2
+    per_block = nested.absmax.reshape(-1).repeat_interleave(nested.blocksize)[: absmax.numel()]
+    return nested.code[absmax.long()] * per_block + torch.as_tensor(state.offset, dtype=torch.float32)
+
+
 def params4bit(weight: torch.Tensor, quant_type: str, double_quant: bool, blocksize: int = 64):
-    """(bitsandbytes Params4bit of `weight`, its dequantised values), quantised by bitsandbytes itself on the
-    CPU; skips the test without bitsandbytes."""
+    """(bitsandbytes Params4bit of `weight`, its dequantised values in weight's dtype), quantised by
+    bitsandbytes itself on the CPU and dequantised by `dequantize_4bit_float64`; skips the test without
+    bitsandbytes."""
     bnb = pytest.importorskip("bitsandbytes")
     functional = pytest.importorskip("bitsandbytes.functional")
     # bitsandbytes' CPU fallback is wrapped in torch.compile: compiling it per shape would dominate a test.
@@ -102,7 +129,7 @@ def params4bit(weight: torch.Tensor, quant_type: str, double_quant: bool, blocks
         codes, state = functional.quantize_4bit(
             weight, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant
         )
-        dequantised = functional.dequantize_4bit(codes, state)
+    dequantised = dequantize_4bit_float64(codes, state).float().to(state.dtype)
     params = bnb.nn.Params4bit(
         data=codes,
         requires_grad=False,

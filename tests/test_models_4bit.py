@@ -74,6 +74,8 @@ def test_nf4_load_makes_every_block_linear_4bit_and_keeps_lm_head_and_embeddings
     assert all(isinstance(module, bnb.nn.Linear4bit) for module in linears.values())
     assert all(module.weight.quant_state.quant_type == "nf4" for module in linears.values())
     assert all(module.weight.quant_state.nested for module in linears.values())
+    # bitsandbytes' AVX512-BF16 repack is off: the model computes the same numbers on every x86 CPU.
+    assert not any(module.support_avx512bf16_for_cpu for module in linears.values())
     assert type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == torch.float32
     assert type(model.get_input_embeddings()) is nn.Embedding
     assert not model.training and model.is_loaded_in_4bit
@@ -132,6 +134,9 @@ def test_cdm_score_runs_on_the_nf4_model(nf4):
     for value in (result.entropy_collapse, result.attention_sparsity, result.basin_resistance):
         assert math.isfinite(value) and 0.0 <= value <= 1.0
     assert 1 <= result.n_tokens <= 4
+    # Scoring runs eval-mode and no-grad: bitsandbytes would repack on AVX512-BF16 CPUs had load allowed it.
+    layers = _block_linears(model).values()
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
 
 
 @pytest.mark.parametrize("load_in_4bit", ["int4", "NF4", ""])

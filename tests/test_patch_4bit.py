@@ -8,18 +8,22 @@ values so that the adapters change the output; lora_dropout=0 so that patched an
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from conftest import rel_error  # noqa: E402
+from bitsandbytes import functional  # noqa: E402
+from conftest import absmax_float32, rel_error  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model  # noqa: E402
 from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import cdm_fast.patch.peft_lora  # noqa: E402
+from cdm_fast import quant  # noqa: E402
 from cdm_fast.patch import EIGHT_BIT_REASON, patch_peft  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -32,7 +36,9 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 GRAD_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
-def _linear_4bit(linear: nn.Linear, quant_type: str, double_quant: bool, compute_dtype) -> nn.Module:
+def _linear_4bit(
+    linear: nn.Linear, quant_type: str, double_quant: bool, compute_dtype, keep_layout: bool = True
+) -> nn.Module:
     layer = bnb.nn.Linear4bit(
         linear.in_features,
         linear.out_features,
@@ -50,12 +56,21 @@ def _linear_4bit(linear: nn.Linear, quant_type: str, double_quant: bool, compute
     )
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    if keep_layout:
+        # On AVX512-BF16 CPUs bitsandbytes' eval forward would repack the weight with bf16 scales: unpatched
+        # peft would then compute with other scales than the ones both sides start from. That layout has its
+        # own tests below.
+        quant.keep_standard_layout(layer)
     # The first .to(device) quantises (Params4bit._quantize): standard layout, quant_state set.
     return layer.to("cpu")
 
 
 def _qlora_llama(
-    quant_type: str = "nf4", double_quant: bool = True, compute_dtype=torch.float32, seed: int = 0
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype=torch.float32,
+    seed: int = 0,
+    keep_layout: bool = True,
 ) -> PeftModel:
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -73,7 +88,8 @@ def _qlora_llama(
         for parent in (layer.self_attn, layer.mlp):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
-                    setattr(parent, name, _linear_4bit(child, quant_type, double_quant, compute_dtype))
+                    quantized = _linear_4bit(child, quant_type, double_quant, compute_dtype, keep_layout)
+                    setattr(parent, name, quantized)
     model.is_loaded_in_4bit = True  # what peft reads to dispatch bitsandbytes layers to lora.bnb
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
     generator = torch.Generator().manual_seed(seed + 1)
@@ -163,15 +179,39 @@ def test_weight_the_fused_op_cannot_read_falls_back_to_peft_per_call(monkeypatch
     assert len(calls) == 2 * len(TARGETS) - 1
 
 
-def test_cpu_repacked_4bit_weight_is_skipped_with_reason():
+def _base_weight(model: nn.Module, name: str):
+    return model.get_submodule(name).base_layer.weight
+
+
+def test_cpu_repacked_4bit_weight_is_read_and_patched():
+    # bitsandbytes' repack is plain torch, so the layout its AVX512-BF16 eval forward makes is made here, on
+    # any CPU, for one layer.
     model = _qlora_llama()
     name = next(name for name, m in model.named_modules() if isinstance(m, LoraLinear4bit))
-    # What bitsandbytes' eval-mode, no-grad forward sets on AVX512-BF16 CPUs after repacking the weight.
-    model.get_submodule(name).base_layer.weight.quant_state.packing_format_for_cpu = True
+    weight = _base_weight(model, name)
+    codes, state = weight.data.clone(), copy.deepcopy(weight.quant_state)
+    repacked = functional._convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+    weight.data, weight.quant_state = repacked
     report = patch_peft(model)
-    assert list(report.skipped) == [name]
-    assert report.skipped[name].startswith("4-bit weight not readable: weight: bitsandbytes repacked it")
-    assert len(report.patched) == 2 * len(TARGETS) - 1
+    assert report.skipped == {} and len(report.patched) == 2 * len(TARGETS)
+    repacked_logits = _logits(model)
+    # The same codes in the standard layout, with the scales rounded to bf16 as the repack stores them.
+    state.absmax, state.nested = absmax_float32(state).bfloat16().float(), False
+    weight.data, weight.quant_state = codes, state
+    assert torch.equal(_logits(model), repacked_logits)
+
+
+@pytest.mark.skipif(
+    not functional.has_avx512bf16(), reason="bitsandbytes repacks in its forward only on AVX512-BF16 CPUs"
+)
+def test_layers_bitsandbytes_repacked_in_its_eval_forward_are_patched_on_this_cpu():
+    model = _qlora_llama(keep_layout=False).eval()
+    unpatched_logits = _logits(model)  # bitsandbytes repacks every layer here, and computes in bf16
+    names = [name for name, m in model.named_modules() if isinstance(m, LoraLinear4bit)]
+    assert all(_base_weight(model, name).quant_state.packing_format_for_cpu for name in names)
+    report = patch_peft(model)
+    assert report.skipped == {} and sorted(report.patched) == sorted(names)
+    assert rel_error(_logits(model), unpatched_logits) <= TOLERANCE[torch.bfloat16]
 
 
 def test_adapters_saved_after_patching_load_in_plain_peft_with_equal_outputs(tmp_path):

@@ -77,11 +77,11 @@ def patch_peft(model: nn.Module, *, backend: str | None = None) -> PatchReport:
     Works on a `PeftModel` and on any module tree with adapters injected by `peft.inject_adapter_in_model`.
     Supported: a peft `lora.Linear` over an unquantised `nn.Linear` (not fan_in_fan_out), or a peft
     `lora.bnb.Linear4bit` over a `bitsandbytes.nn.Linear4bit` whose quantised weight
-    `cdm_fast.quant.from_bitsandbytes` reads (NF4/FP4, double quantisation or not; not bitsandbytes' CPU
-    repacked layout); not merged, with exactly one active adapter that is vanilla LoRA (no DoRA or other
-    variant, no lora_bias) and whose dropout is `nn.Identity` or `nn.Dropout`. Every other LoRA module is
-    left untouched and listed in `report.skipped` with its reason. Patching twice does not wrap twice (the
-    backend is updated).
+    `cdm_fast.quant.from_bitsandbytes` reads (NF4/FP4, double quantisation or not, in the standard layout or
+    the one bitsandbytes repacks to on AVX512-BF16 CPUs); not merged, with exactly one active adapter that is
+    vanilla LoRA (no DoRA or other variant, no lora_bias) and whose dropout is `nn.Identity` or `nn.Dropout`.
+    Every other LoRA module is left untouched and listed in `report.skipped` with its reason. Patching twice
+    does not wrap twice (the backend is updated).
 
     Args:
         model: the model to patch in place.
