@@ -402,7 +402,7 @@ def summary(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.aot", description=__doc__.splitlines()[0])
     parser.add_argument("--all", action="store_true", help="every config of every variant")
     parser.add_argument("--jobs", type=int, default=None, help="compiler processes (default: all cores)")
     parser.add_argument("--skip-extension", action="store_true", help="only the Triton kernels")

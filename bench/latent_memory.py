@@ -126,7 +126,9 @@ def measure(s: dict, tokens: int, seq: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.latent_memory", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per step (batch · sequence)")
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--out", default=str(default_results_path("latent_memory")))
