@@ -97,7 +97,9 @@ def measure_speed(
     device: torch.device,
 ) -> dict:
     """One warm-up call on the first prompt, then one timed `cdm.score` over all `prompts`."""
-    settings = dict(max_new_tokens=max_new_tokens, noise_samples=noise_samples, progress=False)
+    settings = dict(
+        max_new_tokens=max_new_tokens, noise_samples=noise_samples, stop=logic.STOP["fewshot"], progress=False
+    )
     cdm.score(model, tokenizer, prompts[:1], batch_size=1, **settings)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -113,6 +115,7 @@ def measure_speed(
         "prompts": len(prompts),
         "batch_size": batch_size,
         "max_new_tokens": max_new_tokens,
+        "stop": list(logic.STOP["fewshot"]),
         "noise_samples": noise_samples,
         "prompt_tokens_mean": float(np.mean(prompt_tokens)),
         "generated_tokens_mean": float(np.mean([result.n_tokens for result in results])),
@@ -202,7 +205,12 @@ def cdm_vs_correctness(model, tokenizer, *, num_prompts: int, max_new_tokens: in
     """CDM of the greedy completions of logic-suite prompts against whether they answer right."""
     problems = scoring.logic_prompts(num_prompts, seed)
     results = cdm.score(
-        model, tokenizer, [problem.prompt() for problem in problems], max_new_tokens=max_new_tokens, seed=seed
+        model,
+        tokenizer,
+        [problem.prompt() for problem in problems],
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        stop=logic.STOP["fewshot"],
     )
     correct = [
         logic.check(problem, result.completion) == 1.0

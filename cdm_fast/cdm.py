@@ -1,9 +1,13 @@
 """CDM: how deep in a basin a causal LM's greedy continuation of a prompt sits (0 to 100).
 
-For a prompt, the model's greedy continuation of at most `max_new_tokens` tokens is taken (stopping at eos).
-The *scored positions* are the positions whose next-token distributions p_t chose the generated tokens: the
-last prompt token and every generated token but the last (eos included when it was generated), T of them.
-Over those positions:
+For a prompt, the model's greedy continuation of at most `max_new_tokens` tokens is taken, or a supplied
+completion (`completions=`, teacher-forced). Its *answer span* ends at the first end token: eos, or the token
+whose text completes one of the `stop` strings (a prompt format's answer end, e.g. a blank line or the next
+"Question:"), generation stopping there; a continuation that reaches `max_new_tokens` first is `truncated`.
+A supplied completion is scored whole. The *scored positions* are the positions whose next-token
+distributions p_t chose the span's tokens: the last prompt token and every span token but the last (the end
+token, when there is one, is the span's last token: choosing to stop is scored), T of them. Over those
+positions:
 
 - E, entropy collapse      = mean_t 1 - H(p_t) / log|V|, |V| the logits width
 - S, attention sparsity    = mean over layers l in the last half, heads h, scored queries t of
@@ -50,7 +54,10 @@ FUSED_ATTENTION = "cdm_block_sparse"
 
 @dataclass
 class CDMResult:
-    """The CDM of one prompt, its three parts (each in [0, 1]) and the parameters that produced it."""
+    """The CDM of one prompt, its three parts (each in [0, 1]) and the parameters that produced it.
+
+    completion: the answer span's text (without the end token or stop string); n_tokens: the span's tokens,
+    end token included; truncated: the span hit max_new_tokens before an end token."""
 
     prompt: str
     completion: str
@@ -59,6 +66,7 @@ class CDMResult:
     attention_sparsity: float
     basin_resistance: float
     n_tokens: int
+    truncated: bool = False
     params: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -98,14 +106,28 @@ def _resolve_attention_layers(attention_layers, num_layers: int) -> list[int]:
     return sorted({index % num_layers for index in layers})
 
 
-def _validate(model, tokenizer, prompts, max_new_tokens, noise_scale, noise_samples, batch_size) -> None:
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
-        raise TypeError(f"prompts: expected a list of str, got {type(prompts).__name__}")
+def _validate_texts(name: str, texts) -> None:
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise TypeError(f"{name}: expected a list of str, got {type(texts).__name__}")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{name}[{index}]: expected str, got {type(text).__name__}")
+
+
+def _validate(
+    model, tokenizer, prompts, max_new_tokens, noise_scale, noise_samples, batch_size, stop, completions
+) -> None:
+    _validate_texts("prompts", prompts)
     if len(prompts) == 0:
         raise ValueError("prompts: expected at least one prompt, got an empty list")
-    for index, prompt in enumerate(prompts):
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompts[{index}]: expected str, got {type(prompt).__name__}")
+    _validate_texts("stop", stop)
+    for index, text in enumerate(stop):
+        if not text:
+            raise ValueError(f"stop[{index}]: expected a non-empty str, got {text!r}")
+    if completions is not None:
+        _validate_texts("completions", completions)
+        if len(completions) != len(prompts):
+            raise ValueError(f"completions: expected one per prompt ({len(prompts)}), got {len(completions)}")
     for name, value in (("max_new_tokens", max_new_tokens), ("noise_samples", noise_samples)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
@@ -152,6 +174,19 @@ def _encode(tokenizer, prompts: Sequence[str], chat_template: bool, offset: int)
                 f"prompts[{index}]: expected text that tokenizes to at least one token, got {prompt!r}"
             )
         encoded.append(list(ids))
+    return encoded
+
+
+def _encode_completions(tokenizer, completions: Sequence[str], offset: int) -> list[list[int]]:
+    encoded = []
+    for index, completion in enumerate(completions, start=offset):
+        ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+        if len(ids) == 0:
+            raise ValueError(
+                f"completions[{index}]: expected text that tokenizes to at least one token, "
+                f"got {completion!r}"
+            )
+        encoded.append(ids)
     return encoded
 
 
@@ -433,40 +468,93 @@ def _clean_pass(model, inputs: dict, key_mask, query_mask, settings: dict, steps
     return logits[:, -steps:], sparsity, captured["output"]
 
 
-def _generate(model, input_ids, attention_mask, max_new_tokens: int, pad_id: int, eos_ids: set[int]):
-    from transformers import GenerationConfig
+def _first_stop(text: str, stop: Sequence[str]) -> int | None:
+    """Where the first of the `stop` strings starts in `text`, or None."""
+    found = [index for index in (text.find(string) for string in stop) if index >= 0]
+    return min(found) if found else None
+
+
+def _stop_on_text(tokenizer, stop: Sequence[str], prompt_length: int):
+    """A transformers stopping criterion: a row is done once its generated text holds a stop string (the
+    same decode `_answer_spans` reads, so generation and scoring agree on where the answer ends)."""
+    from transformers import StoppingCriteria
+
+    class StopOnText(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            done = [
+                _first_stop(tokenizer.decode(row[prompt_length:].tolist()), stop) is not None
+                for row in input_ids
+            ]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return StopOnText()
+
+
+def _generate(model, tokenizer, input_ids, attention_mask, settings: dict) -> torch.Tensor:
+    from transformers import GenerationConfig, StoppingCriteriaList
 
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=settings["max_new_tokens"],
         do_sample=False,
         num_beams=1,
-        pad_token_id=pad_id,
-        eos_token_id=sorted(eos_ids) or None,
+        pad_token_id=settings["pad_id"],
+        eos_token_id=sorted(settings["eos_ids"]) or None,
     )
-    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    criteria = StoppingCriteriaList()
+    if settings["stop"]:
+        criteria.append(_stop_on_text(tokenizer, settings["stop"], input_ids.shape[1]))
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        generation_config=config,
+        stopping_criteria=criteria,
+    )
     return output[:, input_ids.shape[1] :]
 
 
-def _completion_lengths(generated: torch.Tensor, eos_ids: set[int]) -> torch.Tensor:
-    """Tokens each row generated, its first eos included."""
-    lengths = torch.full((generated.shape[0],), generated.shape[1], dtype=torch.long)
-    for row in range(generated.shape[0]):
-        hits = [index for index, token in enumerate(generated[row].tolist()) if token in eos_ids]
-        if hits:
-            lengths[row] = hits[0] + 1
-    return lengths
+def _answer_spans(generated: torch.Tensor, tokenizer, eos_ids: set[int], stop: Sequence[str]) -> list[tuple]:
+    """(tokens, truncated, answer text) of each generated row: the span runs to its first end token (eos, or
+    the token whose text completes a stop string), that token included; without one, to the row's end."""
+    spans = []
+    for row in generated.tolist():
+        span = None
+        for length, token in enumerate(row, start=1):
+            if token in eos_ids:
+                span = (length, False, tokenizer.decode(row[: length - 1], skip_special_tokens=True))
+                break
+            if stop:
+                text = tokenizer.decode(row[:length])
+                cut = _first_stop(text, stop)
+                if cut is not None:
+                    span = (length, False, text[:cut])
+                    break
+        spans.append(span or (len(row), True, tokenizer.decode(row, skip_special_tokens=True)))
+    return spans
+
+
+def _right_pad(sequences: list[list[int]], pad_id: int) -> torch.Tensor:
+    padded = torch.full((len(sequences), max(len(ids) for ids in sequences)), pad_id, dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        padded[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return padded
 
 
 @torch.inference_mode()
-def _score_batch(model, tokenizer, prompt_ids, settings: dict) -> list[dict]:
+def _score_batch(model, tokenizer, prompt_ids, settings: dict, supplied: tuple | None = None) -> list[dict]:
+    """CDM of each prompt's greedy answer span, or of its supplied completion: `supplied` is (token ids,
+    texts) per prompt."""
     device = next(model.parameters()).device
     pad_id = settings["pad_id"]
     input_ids, prompt_mask = _left_pad(prompt_ids, pad_id)
     input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
-    generated = _generate(
-        model, input_ids, prompt_mask, settings["max_new_tokens"], pad_id, settings["eos_ids"]
-    ).cpu()
-    lengths = _completion_lengths(generated, settings["eos_ids"])
+    if supplied is None:
+        generated = _generate(model, tokenizer, input_ids, prompt_mask, settings).cpu()
+        spans = _answer_spans(generated, tokenizer, settings["eos_ids"], settings["stop"])
+    else:
+        completion_ids, texts = supplied
+        generated = _right_pad(completion_ids, pad_id)
+        spans = [(len(ids), False, text) for ids, text in zip(completion_ids, texts, strict=True)]
+    lengths = torch.tensor([span[0] for span in spans], dtype=torch.long)
     steps = int(lengths.max())
     generated = generated[:, :steps]
     # Scored position t (0 <= t < n) holds the last prompt token (t = 0) or generated token t - 1, so a
@@ -512,15 +600,16 @@ def _score_batch(model, tokenizer, prompt_ids, settings: dict) -> list[dict]:
             float(attention_sparsity[row].clamp(0.0, 1.0)),
             float(basin_resistance[row]),
         )
-        completion_ids = generated[row, : int(lengths[row])].tolist()
+        length, truncated, text = spans[row]
         rows.append(
             {
-                "completion": tokenizer.decode(completion_ids, skip_special_tokens=True),
+                "completion": text,
                 "cdm": 100.0 * (parts[0] * parts[1] * parts[2]) ** (1.0 / 3.0),
                 "entropy_collapse": parts[0],
                 "attention_sparsity": parts[1],
                 "basin_resistance": parts[2],
-                "n_tokens": int(lengths[row]),
+                "n_tokens": length,
+                "truncated": truncated,
             }
         )
     return rows
@@ -539,6 +628,8 @@ def score(
     attention_layers: str | Sequence[int] = "last_half",
     batch_size: int = 8,
     chat_template: bool = False,
+    stop: Sequence[str] = (),
+    completions: Sequence[str] | None = None,
     progress: bool = True,
 ) -> list[CDMResult]:
     """CDM of each prompt under `model`, a Hugging Face causal LM loaded with attn_implementation="eager"
@@ -546,11 +637,17 @@ def score(
     `cdm_fast.patch.register_hf_attention`).
 
     prompts: raw text, or user messages put through the tokenizer's chat template when chat_template=True.
+    stop: strings that end the answer (besides eos), e.g. `cdm_fast.logic.STOP["fewshot"]`; generation stops
+        at the first, and only the answer span before it (plus its end token) is scored.
+    completions: one completion per prompt to score teacher-forced, whole, instead of generating (another
+        model's outputs, a dataset); `max_new_tokens` and `stop` then do not apply.
     noise_layer: index of the block whose output gets the noise (default: the middle one, num_layers // 2).
     attention_layers: "last_half" (default), "all", or block indices for S.
     Returns one CDMResult per prompt, in order; `params` records everything that defines the numbers.
     """
-    _validate(model, tokenizer, prompts, max_new_tokens, noise_scale, noise_samples, batch_size)
+    _validate(
+        model, tokenizer, prompts, max_new_tokens, noise_scale, noise_samples, batch_size, stop, completions
+    )
     num_layers = len(_decoder_layers(model))
     if noise_layer is None:
         noise_layer = num_layers // 2
@@ -577,11 +674,17 @@ def score(
         "attention_layers": layers,
         "eos_ids": eos_ids,
         "pad_id": pad_id,
+        "stop": tuple(stop),
     }
+    supplied = completions is not None
     params = {
         "definition": DEFINITION,
-        "decoding": "greedy",
-        "max_new_tokens": max_new_tokens,
+        "decoding": "supplied" if supplied else "greedy",
+        "max_new_tokens": None if supplied else max_new_tokens,
+        "stop": [] if supplied else list(stop),
+        "answer_span": "the whole supplied completion"
+        if supplied
+        else "to the first eos or stop string, its end token scored",
         "chat_template": bool(chat_template),
         "noise_scale": float(noise_scale),
         "noise_layer": noise_layer,
@@ -601,9 +704,12 @@ def score(
             for start in range(0, len(prompts), batch_size):
                 batch = list(prompts[start : start + batch_size])
                 prompt_ids = _encode(tokenizer, batch, chat_template, offset=start)
-                for prompt, row in zip(
-                    batch, _score_batch(model, tokenizer, prompt_ids, settings), strict=True
-                ):
+                batch_supplied = None
+                if supplied:
+                    texts = list(completions[start : start + batch_size])
+                    batch_supplied = (_encode_completions(tokenizer, texts, offset=start), texts)
+                rows = _score_batch(model, tokenizer, prompt_ids, settings, batch_supplied)
+                for prompt, row in zip(batch, rows, strict=True):
                     results.append(CDMResult(prompt=prompt, params=dict(params), **row))
                 bar.update(len(batch))
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import dataclasses
 import json
 import logging
@@ -32,6 +33,10 @@ def _config(config_class, args: argparse.Namespace):
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(item) for item in text.split(","))
+
+
+def _unescaped(text: str) -> str:
+    return codecs.decode(text, "unicode_escape")
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -114,6 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--noise-samples", type=int, default=4)
     score.add_argument("--threshold", type=float, default=80.0, help="CDM at which a prompt is deep")
     score.add_argument("--chat-template", action="store_true", help="wrap prompts in the chat template")
+    score.add_argument(
+        "--stop",
+        action="append",
+        type=_unescaped,
+        help="a string that ends the answer, backslash escapes read ('\\n\\n'); repeat for more "
+        "(default: the logic suite's few-shot ones for its own prompts, none for --prompts)",
+    )
+    score.add_argument(
+        "--completions", help="a field of the --prompts file: score those completions instead of generating"
+    )
     score.add_argument("--plot", help="write a PNG histogram of CDM and its parts")
     score.add_argument("--no-progress", action="store_true")
     score.set_defaults(run=_score)

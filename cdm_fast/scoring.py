@@ -31,6 +31,11 @@ class ScoreConfig:
     noise_samples: int = 4
     threshold: float = cdm.DEFAULT_THRESHOLD
     chat_template: bool = False
+    # Strings that end an answer (besides eos); None: the logic suite's few-shot ones for its own prompts,
+    # none for a prompts file.
+    stop: tuple[str, ...] | None = None
+    # A field of the prompts file holding one completion per prompt, scored teacher-forced (no generation).
+    completions: str | None = None
     plot: str | None = None
     progress: bool = True
 
@@ -46,9 +51,9 @@ def logic_prompts(num_prompts: int, seed: int) -> list[logic.Problem]:
     return interleaved[:num_prompts]
 
 
-def read_prompts(path: str) -> list[str]:
-    """The "prompt" field of every line of a JSONL file."""
-    prompts = []
+def read_prompts(path: str, completions: str | None = None) -> tuple[list[str], list[str] | None]:
+    """The "prompt" field of every line of a JSONL file, and the `completions` field beside it when asked."""
+    prompts, supplied = [], []
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -57,9 +62,15 @@ def read_prompts(path: str) -> list[str]:
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
                 raise ValueError(f"prompts: line {number} of {path} has no string field 'prompt'")
             prompts.append(record["prompt"])
+            if completions is not None:
+                if not isinstance(record.get(completions), str):
+                    raise ValueError(
+                        f"completions: line {number} of {path} has no string field {completions!r}"
+                    )
+                supplied.append(record[completions])
     if not prompts:
         raise ValueError(f"prompts: {path} holds no prompt")
-    return prompts
+    return prompts, supplied if completions is not None else None
 
 
 def plot_histogram(results: list[cdm.CDMResult], path: str, threshold: float) -> None:
@@ -109,11 +120,16 @@ def format_summary(summary: dict, threshold: float) -> str:
 
 def run_score(config: ScoreConfig) -> tuple[list[cdm.CDMResult], dict]:
     """Score the prompts, write one JSON line per prompt to `config.out`, print and return the summary."""
-    prompts = (
-        read_prompts(config.prompts)
-        if config.prompts
-        else [problem.prompt() for problem in logic_prompts(config.num_prompts, config.seed)]
-    )
+    if config.completions is not None and not config.prompts:
+        raise ValueError(
+            f"completions: {config.completions!r} names a field of a prompts file; give --prompts"
+        )
+    if config.prompts:
+        prompts, completions = read_prompts(config.prompts, config.completions)
+        stop = config.stop or ()
+    else:
+        prompts = [problem.prompt() for problem in logic_prompts(config.num_prompts, config.seed)]
+        completions, stop = None, logic.STOP["fewshot"] if config.stop is None else config.stop
     model, tokenizer = models.load(config.model)
     results = cdm.score(
         model,
@@ -125,6 +141,8 @@ def run_score(config: ScoreConfig) -> tuple[list[cdm.CDMResult], dict]:
         noise_samples=config.noise_samples,
         batch_size=config.batch_size,
         chat_template=config.chat_template,
+        stop=tuple(stop),
+        completions=completions,
         progress=config.progress,
     )
     out = Path(config.out)

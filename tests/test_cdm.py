@@ -176,6 +176,79 @@ def test_prompt_scores_the_same_alone_and_in_a_padded_batch(tiny):
             assert abs(getattr(alone, part) - getattr(together, part)) <= 1e-4, part
 
 
+class IdsTokenizer(CharTokenizer):
+    """CharTokenizer that also reads "ids:3,1,7" as those token ids, so that any token sequence (eos and
+    padding ids included) can be supplied as a completion's text."""
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        if text.startswith("ids:"):
+            return {"input_ids": [int(token) for token in text[4:].split(",")]}
+        return super().__call__(text, add_special_tokens)
+
+
+def _text_of(ids) -> str:
+    return "ids:" + ",".join(str(int(token)) for token in ids)
+
+
+def test_supplied_completion_scores_exactly_as_the_same_tokens_generated(tiny):
+    model, tokenizer = tiny
+    kwargs = dict(noise_scale=0.5, noise_samples=2, progress=False)
+    generated = cdm.score(model, tokenizer, PROMPTS, max_new_tokens=6, **kwargs)
+    texts = [
+        _text_of(greedy(model, tokenizer, prompt, 6)[1][: result.n_tokens])
+        for prompt, result in zip(PROMPTS, generated, strict=True)
+    ]
+    ids_tokenizer = IdsTokenizer()
+    ids_tokenizer.eos_token_id = tokenizer.eos_token_id
+    supplied = cdm.score(model, ids_tokenizer, PROMPTS, completions=texts, batch_size=2, **kwargs)
+    for text, ours, theirs in zip(texts, supplied, generated, strict=True):
+        assert ours.completion == text and ours.n_tokens == theirs.n_tokens and not ours.truncated
+        for part in ("cdm", "entropy_collapse", "attention_sparsity", "basin_resistance"):
+            assert getattr(ours, part) == pytest.approx(getattr(theirs, part), abs=1e-6), part
+        assert ours.params["decoding"] == "supplied" and ours.params["max_new_tokens"] is None
+
+
+def test_stop_string_ends_the_span_at_the_token_that_completes_it(tiny):
+    model, tokenizer = tiny
+    _, continuation, scores = greedy(model, tokenizer, PROMPTS[2], 8)
+    letters = tokenizer.decode(continuation.tolist())
+    end = next(i for i in range(1, 8) if letters[i - 1 : i + 1] not in letters[:i])  # first new bigram
+    stop = letters[end - 1 : end + 1]
+    (result,) = cdm.score(
+        model, tokenizer, [PROMPTS[2]], max_new_tokens=8, stop=[stop], noise_samples=1, progress=False
+    )
+    assert result.n_tokens == end + 1 and result.completion == letters[: end - 1] and not result.truncated
+    assert result.params["stop"] == [stop] and result.params["decoding"] == "greedy"
+    terms = []
+    for step in scores[: end + 1]:
+        p = torch.softmax(step[0].double(), -1)
+        terms.append(1 - float(-(p * p.log()).sum()) / math.log(128))
+    assert result.entropy_collapse == pytest.approx(sum(terms) / len(terms), abs=1e-5)
+
+
+def test_stopped_rows_score_the_same_alone_and_in_a_padded_batch(tiny):
+    model, tokenizer = tiny
+    kwargs = dict(max_new_tokens=6, stop=["c", "jj"], noise_scale=0.5, noise_samples=1, progress=False)
+    batched = cdm.score(model, tokenizer, PROMPTS, batch_size=3, **kwargs)
+    for prompt, together in zip(PROMPTS, batched, strict=True):
+        (alone,) = cdm.score(model, tokenizer, [prompt], **kwargs)
+        assert (alone.completion, alone.n_tokens, alone.truncated) == (
+            together.completion,
+            together.n_tokens,
+            together.truncated,
+        )
+        assert abs(alone.cdm - together.cdm) <= 1e-4
+
+
+def test_span_cut_by_max_new_tokens_is_flagged_truncated(tiny):
+    model, tokenizer = tiny
+    results = cdm.score(model, tokenizer, PROMPTS, max_new_tokens=6, noise_samples=1, progress=False)
+    for prompt, result in zip(PROMPTS, results, strict=True):
+        ended = tokenizer.eos_token_id in greedy(model, tokenizer, prompt, 6)[1].tolist()
+        assert result.truncated == (not ended) and result.params["stop"] == []
+    assert {result.truncated for result in results} == {True, False}
+
+
 def test_results_are_in_range_and_params_are_json(tiny):
     import json
 
@@ -232,6 +305,11 @@ class NotCausal(torch.nn.Module):
         (dict(attention_layers="first"), ValueError, "attention_layers"),
         (dict(model=torch.nn.Linear(2, 2)), TypeError, "model"),
         (dict(model=NotCausal()), TypeError, "model"),
+        (dict(stop="\n\n"), TypeError, "stop"),
+        (dict(stop=["\n", ""]), ValueError, "stop[1]"),
+        (dict(completions=["a", "b"]), ValueError, "completions"),
+        (dict(completions=[""]), ValueError, "completions[0]"),
+        (dict(completions=[3]), TypeError, "completions[0]"),
     ],
 )
 def test_bad_input_raises_naming_the_argument(tiny, kwargs, error, argument):

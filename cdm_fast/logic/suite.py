@@ -26,6 +26,9 @@ from cdm_fast.logic.tasks import DEFAULT_TASKS, TASKS, validate_difficulty, vali
 
 SPLITS = ("train", "eval")
 PROMPT_FORMATS = ("fewshot", "chat")
+# Where an answer ends in each format, besides eos: a raw LM continuing the few-shot pattern closes its answer
+# with the blank line the shots show, or writes the next "Question:" straight away. `cdm.score(stop=...)`.
+STOP = {"fewshot": ("\n\n", "\nQuestion:"), "chat": ()}
 EVAL_BUCKETS = 5  # one question in five belongs to "eval"
 NUM_SHOTS = 2
 INSTRUCTION = (
