@@ -349,6 +349,21 @@ def _ddp_worker(rank: int, world_size: int, port: int, config: LoraDistillConfig
     lora.run(config, tiny_model(), CharTokenizer())
 
 
+def _records_to_9_digits(path: Path) -> list:
+    """A JSONL file's records with every float rounded to 9 significant digits."""
+
+    def rounded(value):
+        if isinstance(value, float):
+            return float(f"{value:.9g}")
+        if isinstance(value, dict):
+            return {key: rounded(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [rounded(item) for item in value]
+        return value
+
+    return [rounded(json.loads(line)) for line in path.read_text().splitlines()]
+
+
 def test_two_gloo_processes_train_the_same_adapter_as_one_with_the_same_global_batch(tmp_path):
     """torchrun-style 2-process run (scoring sharded, DDP, rank 0 writes) against one process that
     accumulates the same two micro-batches per step."""
@@ -357,7 +372,9 @@ def test_two_gloo_processes_train_the_same_adapter_as_one_with_the_same_global_b
     double = replace(single, out=str(tmp_path / "two" / "run"), grad_accum=1)
     mp.spawn(_ddp_worker, args=(2, _free_port(), double), nprocs=2, join=True)
     one, two = Path(single.out), Path(double.out)
-    assert (one / "dataset.jsonl").read_text() == (two / "dataset.jsonl").read_text()
+    # The ranks score their shards in other batches than one process does (other padding, so other GEMM
+    # shapes): CDM agrees to float rounding (cdm.score's batch invariance is 1e-4), not bit for bit.
+    assert _records_to_9_digits(one / "dataset.jsonl") == _records_to_9_digits(two / "dataset.jsonl")
     a = load_file(one / "adapter" / "adapter_model.safetensors")
     b = load_file(two / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()

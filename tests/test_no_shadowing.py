@@ -51,8 +51,11 @@ def _other_distributions_import_names() -> dict[str, list[str]]:
     }
 
 
-def _in_repo(place: str) -> bool:
-    return Path(place).resolve().is_relative_to(REPO)
+def _is_root_entry(place: str, name: str) -> bool:
+    """Whether `place` is the repository's own top-level `name` (folder or module), not merely somewhere
+    under the root (CI's venv lives in the clone)."""
+    path = Path(place).resolve()
+    return path.is_relative_to(REPO) and path.relative_to(REPO).parts[0] in (name, f"{name}.py")
 
 
 def _resolved_from_root(names: list[str]) -> dict[str, list[str] | None]:
@@ -69,7 +72,7 @@ def test_no_root_name_shadows_an_installed_distribution():
     shadowed = {
         name: (installed[name], places)
         for name, places in resolved.items()
-        if places is not None and any(_in_repo(place) for place in places if place)
+        if places is not None and any(_is_root_entry(place, name) for place in places if place)
     }
     assert shadowed == {}, f"the repository root shadows installed distributions: {shadowed}"
 
@@ -90,4 +93,4 @@ def test_transformers_sees_the_installed_kernels_package_from_the_root():
         text=True,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert not _in_repo(result.stdout.strip())
+    assert not _is_root_entry(result.stdout.strip(), "kernels")
