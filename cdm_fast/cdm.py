@@ -57,7 +57,10 @@ class CDMResult:
     """The CDM of one prompt, its three parts (each in [0, 1]) and the parameters that produced it.
 
     completion: the answer span's text (without the end token or stop string); n_tokens: the span's tokens,
-    end token included; truncated: the span hit max_new_tokens before an end token."""
+    end token included; mean_logprob: the span tokens' mean log-probability under the model (nats), the
+    plainest confidence baseline (E is the other: an affine map of the mean next-token entropy);
+    truncated: the span hit max_new_tokens before an end token; sample: which of the prompt's
+    `num_samples` sampled completions this is (None when greedy or supplied)."""
 
     prompt: str
     completion: str
@@ -66,7 +69,9 @@ class CDMResult:
     attention_sparsity: float
     basin_resistance: float
     n_tokens: int
+    mean_logprob: float | None = None
     truncated: bool = False
+    sample: int | None = None
     params: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -104,6 +109,19 @@ def _resolve_attention_layers(attention_layers, num_layers: int) -> list[int]:
             f"got {list(attention_layers)}"
         )
     return sorted({index % num_layers for index in layers})
+
+
+def _validate_sampling(num_samples, temperature, top_p, completions) -> None:
+    if num_samples is None:
+        return
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples: expected None or an int >= 1, got {num_samples!r}")
+    if completions is not None:
+        raise ValueError("num_samples: expected None when completions are supplied (nothing is sampled)")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+    if not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p: expected a number in (0, 1], got {top_p!r}")
 
 
 def _validate_texts(name: str, texts) -> None:
@@ -490,8 +508,13 @@ def _stop_on_text(tokenizer, stop: Sequence[str], prompt_length: int):
     return StopOnText()
 
 
-def _generate(model, tokenizer, input_ids, attention_mask, settings: dict) -> torch.Tensor:
-    from transformers import GenerationConfig, StoppingCriteriaList
+def _generate(
+    model, tokenizer, input_ids, attention_mask, settings: dict, sampler=None, cache=None
+) -> torch.Tensor:
+    """Greedy continuations (batch, new tokens), or with `sampler` (a logits processor that draws each row's
+    token and leaves it the only finite logit) sampled ones; `cache` holds a prefill of all but the last
+    prompt token."""
+    from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
     config = GenerationConfig(
         max_new_tokens=settings["max_new_tokens"],
@@ -508,8 +531,79 @@ def _generate(model, tokenizer, input_ids, attention_mask, settings: dict) -> to
         attention_mask=attention_mask,
         generation_config=config,
         stopping_criteria=criteria,
+        logits_processor=LogitsProcessorList([sampler] if sampler is not None else []),
+        # transformers 5.2x renames this `cache` (and warns); older releases, the GPU image's 5.17 among
+        # them, know only this name.
+        **({"past_key_values": cache} if cache is not None else {}),
     )
     return output[:, input_ids.shape[1] :]
+
+
+def nucleus_probabilities(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """softmax(logits / temperature) restricted to the smallest set of most likely tokens whose mass reaches
+    top_p (the token that crosses it included), renormalised. logits (..., V) -> float64 (..., V)."""
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs
+    sorted_probs = torch.where(mass_before < top_p, sorted_probs, torch.zeros_like(sorted_probs))
+    kept = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return kept / kept.sum(-1, keepdim=True)
+
+
+def _sample_seed(seed: int, sample: int, prompt_ids: Sequence[int]) -> int:
+    tokens = np.asarray(prompt_ids, dtype=np.int64).tobytes()
+    return zlib.crc32(f"{seed}:sample {sample}:".encode() + tokens)
+
+
+def _seeded_sampler(generators: list[torch.Generator], temperature: float, top_p: float):
+    """A transformers logits processor that draws row r's next token from `nucleus_probabilities` with its
+    own generator (one uniform per step, inverse CDF) and makes it the row's only finite logit, so that greedy
+    decoding emits it: a row's samples depend on its seed, never on the rows batched with it."""
+    from transformers import LogitsProcessor
+
+    class SeededSampler(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            probs = nucleus_probabilities(scores, temperature, top_p).cpu()
+            draws = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators])
+            cdf = probs.cumsum(-1)
+            tokens = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None]).clamp_max(probs.shape[-1] - 1)
+            chosen = torch.full_like(scores, -math.inf)
+            return chosen.scatter_(-1, tokens.to(scores.device), 0.0)
+
+    return SeededSampler()
+
+
+def _sample(model, tokenizer, prompt_ids, input_ids, prompt_mask, settings: dict) -> torch.Tensor:
+    """`num_samples` sampled continuations per prompt, prompt-major ((batch · num_samples), new tokens). The
+    prompt is prefilled once (all but its last token) and the cache repeated for its samples."""
+    samples = settings["num_samples"]
+    cache = None
+    if input_ids.shape[1] > 1:
+        prefix_mask = prompt_mask[:, :-1]
+        cache = model(
+            input_ids=input_ids[:, :-1],
+            attention_mask=prefix_mask,
+            position_ids=_position_ids(prefix_mask),
+            use_cache=True,
+        ).past_key_values
+        cache.batch_repeat_interleave(samples)
+    generators = [
+        torch.Generator().manual_seed(_sample_seed(settings["seed"], sample, ids))
+        for ids in prompt_ids
+        for sample in range(samples)
+    ]
+    sampler = _seeded_sampler(generators, settings["temperature"], settings["top_p"])
+    return _generate(
+        model,
+        tokenizer,
+        input_ids.repeat_interleave(samples, 0),
+        prompt_mask.repeat_interleave(samples, 0),
+        settings,
+        sampler,
+        cache,
+    )
 
 
 def _answer_spans(generated: torch.Tensor, tokenizer, eos_ids: set[int], stop: Sequence[str]) -> list[tuple]:
@@ -541,13 +635,18 @@ def _right_pad(sequences: list[list[int]], pad_id: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def _score_batch(model, tokenizer, prompt_ids, settings: dict, supplied: tuple | None = None) -> list[dict]:
-    """CDM of each prompt's greedy answer span, or of its supplied completion: `supplied` is (token ids,
-    texts) per prompt."""
+    """CDM of each prompt's greedy answer span, of its `num_samples` sampled ones (rows prompt-major), or of
+    its supplied completion: `supplied` is (token ids, texts) per prompt."""
     device = next(model.parameters()).device
     pad_id = settings["pad_id"]
     input_ids, prompt_mask = _left_pad(prompt_ids, pad_id)
     input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
-    if supplied is None:
+    if settings["num_samples"] is not None:
+        generated = _sample(model, tokenizer, prompt_ids, input_ids, prompt_mask, settings).cpu()
+        spans = _answer_spans(generated, tokenizer, settings["eos_ids"], settings["stop"])
+        input_ids = input_ids.repeat_interleave(settings["num_samples"], 0)
+        prompt_mask = prompt_mask.repeat_interleave(settings["num_samples"], 0)
+    elif supplied is None:
         generated = _generate(model, tokenizer, input_ids, prompt_mask, settings).cpu()
         spans = _answer_spans(generated, tokenizer, settings["eos_ids"], settings["stop"])
     else:
@@ -577,6 +676,8 @@ def _score_batch(model, tokenizer, prompt_ids, settings: dict, supplied: tuple |
     )
     counts = window.sum(-1).double()
     entropy_collapse = ((1.0 - _normalized_entropy(clean_logits)).cpu() * window).sum(-1) / counts
+    token_logprobs = torch.log_softmax(clean_logits.double(), dim=-1).cpu().gather(-1, generated[..., None])
+    mean_logprob = (token_logprobs.squeeze(-1) * window).sum(-1) / counts
     attention_sparsity = attention_sparsity.cpu()
 
     blocks = _decoder_layers(model)
@@ -609,7 +710,9 @@ def _score_batch(model, tokenizer, prompt_ids, settings: dict, supplied: tuple |
                 "attention_sparsity": parts[1],
                 "basin_resistance": parts[2],
                 "n_tokens": length,
+                "mean_logprob": float(mean_logprob[row]),
                 "truncated": truncated,
+                "sample": None if settings["num_samples"] is None else row % settings["num_samples"],
             }
         )
     return rows
@@ -630,6 +733,9 @@ def score(
     chat_template: bool = False,
     stop: Sequence[str] = (),
     completions: Sequence[str] | None = None,
+    num_samples: int | None = None,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
     progress: bool = True,
 ) -> list[CDMResult]:
     """CDM of each prompt under `model`, a Hugging Face causal LM loaded with attn_implementation="eager"
@@ -641,6 +747,10 @@ def score(
         at the first, and only the answer span before it (plus its end token) is scored.
     completions: one completion per prompt to score teacher-forced, whole, instead of generating (another
         model's outputs, a dataset); `max_new_tokens` and `stop` then do not apply.
+    num_samples: score that many completions per prompt sampled at `temperature` with nucleus `top_p`
+        instead of the greedy one; results are prompt-major (prompt 0's samples first). Sample k of a prompt
+        draws from a generator seeded by (seed, k, the prompt's tokens): the same samples alone or in any
+        batch. The prompt is prefilled once for its samples.
     noise_layer: index of the block whose output gets the noise (default: the middle one, num_layers // 2).
     attention_layers: "last_half" (default), "all", or block indices for S.
     Returns one CDMResult per prompt, in order; `params` records everything that defines the numbers.
@@ -648,6 +758,7 @@ def score(
     _validate(
         model, tokenizer, prompts, max_new_tokens, noise_scale, noise_samples, batch_size, stop, completions
     )
+    _validate_sampling(num_samples, temperature, top_p, completions)
     num_layers = len(_decoder_layers(model))
     if noise_layer is None:
         noise_layer = num_layers // 2
@@ -675,11 +786,20 @@ def score(
         "eos_ids": eos_ids,
         "pad_id": pad_id,
         "stop": tuple(stop),
+        "num_samples": num_samples,
+        "temperature": float(temperature),
+        "top_p": float(top_p),
     }
     supplied = completions is not None
+    decoding = "supplied" if supplied else "greedy" if num_samples is None else "sampled"
     params = {
         "definition": DEFINITION,
-        "decoding": "supplied" if supplied else "greedy",
+        "decoding": decoding,
+        **(
+            {"num_samples": num_samples, "temperature": float(temperature), "top_p": float(top_p)}
+            if decoding == "sampled"
+            else {}
+        ),
         "max_new_tokens": None if supplied else max_new_tokens,
         "stop": [] if supplied else list(stop),
         "answer_span": "the whole supplied completion"
@@ -709,7 +829,8 @@ def score(
                     texts = list(completions[start : start + batch_size])
                     batch_supplied = (_encode_completions(tokenizer, texts, offset=start), texts)
                 rows = _score_batch(model, tokenizer, prompt_ids, settings, batch_supplied)
-                for prompt, row in zip(batch, rows, strict=True):
+                copies = num_samples or 1
+                for prompt, row in zip((p for p in batch for _ in range(copies)), rows, strict=True):
                     results.append(CDMResult(prompt=prompt, params=dict(params), **row))
                 bar.update(len(batch))
     finally:
@@ -758,6 +879,7 @@ def summarize(
         "attention_sparsity_mean": float(np.mean([result.attention_sparsity for result in results])),
         "basin_resistance_mean": float(np.mean([result.basin_resistance for result in results])),
         "n_tokens_mean": float(np.mean([result.n_tokens for result in results])),
+        "truncated_rate": float(np.mean([result.truncated for result in results])),
         "deep_threshold": float(threshold),
         "deep_rate": fraction_deep(results, threshold),
         "cdm_quantiles": {str(q): float(np.quantile(cdm, q)) for q in quantiles},

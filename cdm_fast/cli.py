@@ -129,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument(
         "--completions", help="a field of the --prompts file: score those completions instead of generating"
     )
+    score.add_argument(
+        "--num-samples", type=int, help="score N sampled completions per prompt instead of the greedy one"
+    )
+    score.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (--num-samples)")
+    score.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (--num-samples)")
     score.add_argument("--plot", help="write a PNG histogram of CDM and its parts")
     score.add_argument("--no-progress", action="store_true")
     score.set_defaults(run=_score)

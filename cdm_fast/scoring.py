@@ -36,6 +36,10 @@ class ScoreConfig:
     stop: tuple[str, ...] | None = None
     # A field of the prompts file holding one completion per prompt, scored teacher-forced (no generation).
     completions: str | None = None
+    # Score that many sampled completions per prompt (temperature, nucleus top_p) instead of the greedy one.
+    num_samples: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
     plot: str | None = None
     progress: bool = True
 
@@ -143,6 +147,9 @@ def run_score(config: ScoreConfig) -> tuple[list[cdm.CDMResult], dict]:
         chat_template=config.chat_template,
         stop=tuple(stop),
         completions=completions,
+        num_samples=config.num_samples,
+        temperature=config.temperature,
+        top_p=config.top_p,
         progress=config.progress,
     )
     out = Path(config.out)

