@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import socket
 from dataclasses import replace
@@ -349,19 +350,20 @@ def _ddp_worker(rank: int, world_size: int, port: int, config: LoraDistillConfig
     lora.run(config, tiny_model(), CharTokenizer())
 
 
-def _records_to_9_digits(path: Path) -> list:
-    """A JSONL file's records with every float rounded to 9 significant digits."""
+def _same_records(path_a: Path, path_b: Path, rel: float) -> bool:
+    """Whether two JSONL files hold the same records, floats equal to `rel` relative tolerance."""
 
-    def rounded(value):
-        if isinstance(value, float):
-            return float(f"{value:.9g}")
-        if isinstance(value, dict):
-            return {key: rounded(item) for key, item in value.items()}
-        if isinstance(value, list):
-            return [rounded(item) for item in value]
-        return value
+    def same(a, b) -> bool:
+        if isinstance(a, float) and isinstance(b, float):
+            return math.isclose(a, b, rel_tol=rel, abs_tol=rel)
+        if isinstance(a, dict) and isinstance(b, dict):
+            return a.keys() == b.keys() and all(same(a[key], b[key]) for key in a)
+        if isinstance(a, list) and isinstance(b, list):
+            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+        return a == b
 
-    return [rounded(json.loads(line)) for line in path.read_text().splitlines()]
+    records = [[json.loads(line) for line in path.read_text().splitlines()] for path in (path_a, path_b)]
+    return same(*records)
 
 
 def test_two_gloo_processes_train_the_same_adapter_as_one_with_the_same_global_batch(tmp_path):
@@ -372,9 +374,10 @@ def test_two_gloo_processes_train_the_same_adapter_as_one_with_the_same_global_b
     double = replace(single, out=str(tmp_path / "two" / "run"), grad_accum=1)
     mp.spawn(_ddp_worker, args=(2, _free_port(), double), nprocs=2, join=True)
     one, two = Path(single.out), Path(double.out)
-    # The ranks score their shards in other batches than one process does (other padding, so other GEMM
-    # shapes): CDM agrees to float rounding (cdm.score's batch invariance is 1e-4), not bit for bit.
-    assert _records_to_9_digits(one / "dataset.jsonl") == _records_to_9_digits(two / "dataset.jsonl")
+    # The ranks score their shards in other batches than one process does (other padding, so other float32
+    # GEMM shapes): CDM and its parts agree to ~1e-7 (measured 5e-8; cdm.score's batch invariance is tested
+    # to 1e-4), not bit for bit; texts, tasks and the kept flags exactly.
+    assert _same_records(one / "dataset.jsonl", two / "dataset.jsonl", rel=1e-6)
     a = load_file(one / "adapter" / "adapter_model.safetensors")
     b = load_file(two / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
