@@ -653,6 +653,29 @@ def _score_batch(model, tokenizer, prompt_ids, settings: dict, supplied: tuple |
         completion_ids, texts = supplied
         generated = _right_pad(completion_ids, pad_id)
         spans = [(len(ids), False, text) for ids, text in zip(completion_ids, texts, strict=True)]
+    # A prompt's samples are generated together (one prefill) but scored batch_size rows at a time, rows of
+    # similar span length together: one forward over every sample, padded to the longest, costs more on a
+    # CPU than it saves.
+    rows: list = [None] * len(spans)
+    order = sorted(range(len(spans)), key=lambda row: spans[row][0])
+    for start in range(0, len(order), settings["batch_size"]):
+        chunk = order[start : start + settings["batch_size"]]
+        visible = prompt_mask[chunk].bool().any(0).nonzero()[0, 0]  # drop the chunk's all-padding columns
+        scored = _score_spans(
+            model, input_ids[chunk, visible:], prompt_mask[chunk, visible:], generated[chunk],
+            [spans[row] for row in chunk], settings,
+        )  # fmt: skip
+        for row, result in zip(chunk, scored, strict=True):
+            rows[row] = result | {
+                "sample": None if settings["num_samples"] is None else row % settings["num_samples"]
+            }
+    return rows
+
+
+def _score_spans(model, input_ids, prompt_mask, generated, spans: list[tuple], settings: dict) -> list[dict]:
+    """CDM of each row's span: `input_ids`/`prompt_mask` the left-padded prompts (on the model's device),
+    `generated` the completion tokens (CPU, right-padded), `spans` (tokens, truncated, text) per row."""
+    device = input_ids.device
     lengths = torch.tensor([span[0] for span in spans], dtype=torch.long)
     steps = int(lengths.max())
     generated = generated[:, :steps]
@@ -712,7 +735,6 @@ def _score_batch(model, tokenizer, prompt_ids, settings: dict, supplied: tuple |
                 "n_tokens": length,
                 "mean_logprob": float(mean_logprob[row]),
                 "truncated": truncated,
-                "sample": None if settings["num_samples"] is None else row % settings["num_samples"],
             }
         )
     return rows
@@ -786,6 +808,7 @@ def score(
         "eos_ids": eos_ids,
         "pad_id": pad_id,
         "stop": tuple(stop),
+        "batch_size": batch_size,
         "num_samples": num_samples,
         "temperature": float(temperature),
         "top_p": float(top_p),
