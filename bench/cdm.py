@@ -13,10 +13,13 @@ the same configuration (its prompts/s are the same; its CDM numbers mean nothing
 bench/results/cdm.jsonl.
 
 Quality (--quality, embedded model only): the logic suite's accuracy per task x difficulty with the
-default (fewshot) format through `cdm_fast.logic.evaluate`, and CDM against correctness of the scored
-greedy completions: mean CDM of right and wrong answers, the point-biserial correlation (Pearson between
-CDM and 0/1 correctness) with a 95% bootstrap interval over prompts, the deep rate. Rows go to
-bench/results/cdm_quality.jsonl.
+default (fewshot) format through `cdm_fast.logic.evaluate`; then the validation of the CDM definition on
+`--quality-per-task` eval-split problems of each of `QUALITY_TASKS` (difficulty 1, chosen on the train
+split): for CDM, each part and the plainest baselines on the same greedy answer spans, the spread (std, IQR,
+5-95% range), the deep rate, AUROC for correctness with a bootstrap 95% interval and, for each non-baseline,
+the paired interval of its AUROC minus the best baseline's; then, with 4 samples per prompt at T = 0.7, how
+often each score's highest-scoring sample is right against a random sample of the same prompt (paired
+interval over prompts). Rows go to bench/results/cdm_quality.jsonl.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import numpy as np
 import torch
 
 from bench import common
-from cdm_fast import cdm, logic, models, scoring
+from cdm_fast import cdm, logic, models, scoring, stats
 
 # The speed case: (prompts, batch_size, max_new_tokens, noise_samples) per device type.
 CASES = {
@@ -62,6 +65,24 @@ SMOLLM2_135M = dict(
 )
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
+# What --quality validates, each read off a CDMResult: CDM, its parts, and the plainest confidence baselines
+# on the same completions (the answer tokens' mean log-probability; E is their mean next-token entropy,
+# rescaled). A composite that does not beat the better baseline adds nothing a user could not compute.
+SCORES = {
+    "cdm": lambda result: result.cdm,
+    "entropy_collapse": lambda result: result.entropy_collapse,
+    "attention_sparsity": lambda result: result.attention_sparsity,
+    "basin_resistance": lambda result: result.basin_resistance,
+    "mean_logprob": lambda result: result.mean_logprob,
+}
+BASELINES = ("mean_logprob", "entropy_collapse")
+# The validation set's tasks: the difficulty 1 tasks the embedded model answered right 20-70% of the time on
+# the *train* split (`logic.evaluate`, 16 problems per task, 2026-12-08: chain_sum 0.50, basic_arithmetic
+# 0.375, knights_knaves 0.375; syllogism 0.19 and the rest below); reported on "eval".
+QUALITY_TASKS = ("chain_sum", "basic_arithmetic", "knights_knaves")
+QUALITY_SAMPLES, QUALITY_TEMPERATURE = 4, 0.7
+# Issue 22's targets for a definition worth shipping.
+QUALITY_TARGETS = {"cdm_iqr": 15.0, "auroc": 0.65}
 
 
 class ByteTokenizer:
@@ -191,32 +212,6 @@ def run_speed(args, device: torch.device, env: dict) -> list[dict]:
 # ---------------------------------------------------------------- quality
 
 
-def point_biserial(cdm_values, correct, *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED):
-    """(Pearson r between CDM and 0/1 correctness, 95% percentile bootstrap interval over prompts).
-
-    Resamples where every pick is right or every pick is wrong have no correlation and are left out;
-    r is NaN when the sample itself has only one class.
-    """
-    values = np.asarray(cdm_values, dtype=np.float64)
-    marks = np.asarray(correct, dtype=np.float64)
-
-    def pearson(x, y):
-        if x.std() == 0 or y.std() == 0:
-            return np.nan
-        return float(np.corrcoef(x, y)[0, 1])
-
-    r = pearson(values, marks)
-    rng = np.random.default_rng(seed)
-    draws = [
-        pearson(values[picks], marks[picks])
-        for picks in rng.integers(0, values.size, (resamples, values.size))
-    ]
-    draws = np.array([d for d in draws if np.isfinite(d)])
-    if draws.size == 0:
-        return r, [np.nan, np.nan]
-    return r, [float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))]
-
-
 def accuracy_grid(model, tokenizer, *, per_cell: int, max_new_tokens: int, seed: int) -> list[dict]:
     """Accuracy per (task, difficulty) of greedy completions, default fewshot format."""
     rows = []
@@ -230,38 +225,135 @@ def accuracy_grid(model, tokenizer, *, per_cell: int, max_new_tokens: int, seed:
     return rows
 
 
-def cdm_vs_correctness(model, tokenizer, *, num_prompts: int, max_new_tokens: int, seed: int) -> dict:
-    """CDM of the greedy completions of logic-suite prompts against whether they answer right."""
-    problems = scoring.logic_prompts(num_prompts, seed)
-    results = cdm.score(
-        model,
-        tokenizer,
-        [problem.prompt() for problem in problems],
-        max_new_tokens=max_new_tokens,
-        seed=seed,
-        stop=logic.STOP["fewshot"],
-    )
-    correct = [
-        logic.check(problem, result.completion) == 1.0
-        for problem, result in zip(problems, results, strict=True)
+def validate_scores(results: list, correct: list[bool], *, resamples: int, seed: int) -> list[dict]:
+    """Per score of `SCORES` on the same completions: spread, AUROC for correctness with a bootstrap 95%
+    interval over completions, and for each non-baseline the paired bootstrap difference of its AUROC to the
+    best baseline's (CDM's row also the deep rate at the default threshold)."""
+    labels = np.asarray(correct, dtype=bool)
+    values = {name: np.array([read(r) for r in results], dtype=np.float64) for name, read in SCORES.items()}
+    settings = dict(resamples=resamples, seed=seed)
+    aurocs = {name: stats.bootstrap(stats.auroc, v, labels, **settings) for name, v in values.items()}
+    best = max(BASELINES, key=lambda name: aurocs[name][0])
+
+    def auroc_gain(score, baseline, marks):
+        return stats.auroc(score, marks) - stats.auroc(baseline, marks)
+
+    rows = []
+    for name, value in values.items():
+        estimate, low, high = aurocs[name]
+        row = {
+            "score": name,
+            "baseline": name in BASELINES,
+            "n": int(value.size),
+            "n_correct": int(labels.sum()),
+        }
+        row |= stats.spread(value) | {"auroc": estimate, "auroc_ci95": [low, high]}
+        if name == "cdm":
+            row["deep_rate"] = float(np.mean(value >= cdm.DEFAULT_THRESHOLD))
+        if name not in BASELINES:
+            gain, gain_low, gain_high = stats.bootstrap(auroc_gain, value, values[best], labels, **settings)
+            row |= {"best_baseline": best, "auroc_minus_best_baseline": gain}
+            row["auroc_minus_best_baseline_ci95"] = [gain_low, gain_high]
+        rows.append(row)
+    return rows
+
+
+def best_of_n(
+    samples: list, correct: list[bool], num_samples: int, *, resamples: int, seed: int
+) -> list[dict]:
+    """Per score: how often the highest-scoring of a prompt's `num_samples` samples (prompt-major; the first
+    on ties) is right, against a random one of them (its prompt's mean correctness), with the paired bootstrap
+    interval of the difference over prompts; `oracle_correct` is how often any sample is right."""
+    marks = np.asarray(correct, dtype=np.float64).reshape(-1, num_samples)
+    random_pick = marks.mean(1)
+    rows = []
+    for name, read in SCORES.items():
+        values = np.array([read(r) for r in samples], dtype=np.float64).reshape(-1, num_samples)
+        best_pick = marks[np.arange(len(marks)), values.argmax(1)]
+        difference, low, high = stats.bootstrap(
+            lambda best, rand: float(np.mean(best - rand)),
+            best_pick,
+            random_pick,
+            resamples=resamples,
+            seed=seed,
+        )
+        rows.append(
+            {
+                "score": name,
+                "baseline": name in BASELINES,
+                "prompts": len(marks),
+                "num_samples": num_samples,
+                "best_correct": float(best_pick.mean()),
+                "random_correct": float(random_pick.mean()),
+                "oracle_correct": float(marks.max(1).mean()),
+                "best_minus_random": difference,
+                "best_minus_random_ci95": [low, high],
+            }
+        )
+    return rows
+
+
+def _interval(values) -> str:
+    return "[{:.3f}, {:.3f}]".format(*values)
+
+
+def format_validation(rows: list[dict]) -> str:
+    """The validation table, then which score wins and how CDM stands against issue 22's targets."""
+    table = [
+        row
+        | {
+            "auroc [95% CI]": f"{row['auroc']:.3f} {_interval(row['auroc_ci95'])}",
+            "vs best baseline": (
+                f"{row['auroc_minus_best_baseline']:+.3f} {_interval(row['auroc_minus_best_baseline_ci95'])}"
+                if "auroc_minus_best_baseline" in row
+                else "(baseline)"
+            ),
+        }
+        for row in rows
     ]
-    values = [result.cdm for result in results]
-    r, interval = point_biserial(values, correct)
-    summary = cdm.summarize(results)
-    right = [value for value, ok in zip(values, correct, strict=True) if ok]
-    wrong = [value for value, ok in zip(values, correct, strict=True) if not ok]
-    return {
-        "n": len(results),
-        "difficulty": 1,
-        "n_correct": len(right),
-        "cdm_mean_correct": float(np.mean(right)) if right else None,
-        "cdm_mean_incorrect": float(np.mean(wrong)) if wrong else None,
-        "point_biserial_r": r,
-        "point_biserial_ci95": interval,
-        "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "unit": "prompt"},
-        "summary": summary,
-        "params": results[0].params,
+    columns = [
+        common.Column("score", "score"),
+        common.Column("std", "std", "{:.4g}"),
+        common.Column("IQR", "iqr", "{:.4g}"),
+        common.Column("p5", "p5", "{:.4g}"),
+        common.Column("p95", "p95", "{:.4g}"),
+        common.Column("AUROC [95% CI]", "auroc [95% CI]"),
+        common.Column("AUROC − best baseline [95% CI]", "vs best baseline"),
+    ]
+    by_score = {row["score"]: row for row in rows}
+    winner = max(rows, key=lambda row: row["auroc"])
+    cdm_row = by_score["cdm"]
+    meets = {
+        f"IQR >= {QUALITY_TARGETS['cdm_iqr']:g} points": cdm_row["iqr"] >= QUALITY_TARGETS["cdm_iqr"],
+        f"AUROC >= {QUALITY_TARGETS['auroc']}": cdm_row["auroc"] >= QUALITY_TARGETS["auroc"],
+        "AUROC interval above 0.5": cdm_row["auroc_ci95"][0] > 0.5,
+        f"AUROC above {cdm_row['best_baseline']}'s (interval of the difference above 0)": (
+            cdm_row["auroc_minus_best_baseline_ci95"][0] > 0.0
+        ),
     }
+    lines = [
+        common.format_table(table, columns),
+        f"deep rate (CDM >= {cdm.DEFAULT_THRESHOLD:g}): {cdm_row['deep_rate']:.3f}",
+        f"highest AUROC: {winner['score']}" + (" (a baseline)" if winner["baseline"] else ""),
+        "CDM against the targets: "
+        + "; ".join(f"{name}: {'yes' if ok else 'NO'}" for name, ok in meets.items()),
+    ]
+    return "\n".join(lines)
+
+
+def format_best_of_n(rows: list[dict]) -> str:
+    table = [
+        row | {"difference": f"{row['best_minus_random']:+.3f} {_interval(row['best_minus_random_ci95'])}"}
+        for row in rows
+    ]
+    columns = [
+        common.Column("score", "score"),
+        common.Column("best right", "best_correct", "{:.3f}"),
+        common.Column("random right", "random_correct", "{:.3f}"),
+        common.Column("any right", "oracle_correct", "{:.3f}"),
+        common.Column("best − random [95% CI]", "difference"),
+    ]
+    return common.format_table(table, columns)
 
 
 def run_quality(args, device: torch.device, env: dict) -> list[dict]:
@@ -280,24 +372,54 @@ def run_quality(args, device: torch.device, env: dict) -> list[dict]:
     ]
     difficulty_columns = [common.Column(f"d{d}", f"d{d}", "{:.2f}") for d in logic.DIFFICULTIES]
     print(common.format_table(table, [common.Column("task", "task"), *difficulty_columns]))
-    relation = cdm_vs_correctness(
-        model, tokenizer, num_prompts=args.cdm_prompts, max_new_tokens=args.max_new_tokens, seed=args.seed
+    problems = logic.generate(args.quality_per_task, seed=args.seed, tasks=QUALITY_TASKS, split="eval")
+    prompts = [problem.prompt() for problem in problems]
+    settings = dict(
+        max_new_tokens=args.max_new_tokens, seed=args.seed, stop=logic.STOP["fewshot"], batch_size=8
     )
-    quantiles = relation["summary"]["cdm_quantiles"]
+    greedy = cdm.score(model, tokenizer, prompts, **settings)
+    sampled = cdm.score(
+        model, tokenizer, prompts, num_samples=QUALITY_SAMPLES, temperature=QUALITY_TEMPERATURE, **settings
+    )
+    right = [
+        logic.check(problem, result.completion) == 1.0
+        for problem, result in zip(problems, greedy, strict=True)
+    ]
+    sampled_right = [
+        logic.check(problems[index // QUALITY_SAMPLES], result.completion) == 1.0
+        for index, result in enumerate(sampled)
+    ]
+    bootstrap = dict(resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED)
+    validation = validate_scores(greedy, right, **bootstrap)
+    selection = best_of_n(sampled, sampled_right, QUALITY_SAMPLES, **bootstrap)
+    setup = {
+        "tasks": list(QUALITY_TASKS),
+        "difficulty": 1,
+        "split": "eval",
+        "extraction": "logic.extract: \\boxed{...}, else after 'answer is'/'Answer:', else the first line",
+        "bootstrap": bootstrap | {"unit": "completion (AUROC), prompt (best of n)"},
+        "definition": greedy[0].params["definition"],
+        "params": greedy[0].params,
+        "sampled_params": sampled[0].params,
+    }
     print(
-        f"\nCDM vs correctness on {relation['n']} prompts ({relation['n_correct']} right): "
-        f"mean CDM right {relation['cdm_mean_correct']}, wrong {relation['cdm_mean_incorrect']}\n"
-        f"point-biserial r = {relation['point_biserial_r']:.3f}, 95% bootstrap CI "
-        "[{:.3f}, {:.3f}]".format(*relation["point_biserial_ci95"])
-        + f"\nCDM mean {relation['summary']['cdm_mean']:.2f}, "
-        + f"deep rate {relation['summary']['deep_rate']:.3f}, "
-        + "  ".join(f"q{key}={value:.1f}" for key, value in quantiles.items())
+        f"\nvalidation on {len(problems)} eval problems ({', '.join(QUALITY_TASKS)}, difficulty 1), "
+        f"greedy answer spans, {sum(right)} right; definition {setup['definition']}"
     )
+    print(format_validation(validation))
+    print(
+        f"\n{QUALITY_SAMPLES} samples per prompt at T = {QUALITY_TEMPERATURE}: is the highest-scoring sample "
+        "right more often than a random one?"
+    )
+    print(format_best_of_n(selection))
     rows = [
         base | {"kind": "accuracy", "max_new_tokens": args.max_new_tokens, "seed": args.seed} | row
         for row in grid
     ]
-    rows.append(base | {"kind": "cdm_vs_correctness", "max_new_tokens": args.max_new_tokens} | relation)
+    rows += [base | {"kind": "validation"} | setup | row for row in validation]
+    rows += [
+        base | {"kind": "best_of_n", "temperature": QUALITY_TEMPERATURE} | setup | row for row in selection
+    ]
     return rows
 
 
@@ -307,7 +429,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quality", action="store_true", help="accuracy and CDM vs correctness instead")
     parser.add_argument("--per-cell", type=int, default=2, help="quality: problems per task x difficulty")
-    parser.add_argument("--cdm-prompts", type=int, default=14, help="quality: prompts scored with CDM")
+    parser.add_argument(
+        "--quality-per-task",
+        type=int,
+        default=70,
+        help=f"quality: eval problems per task of {', '.join(QUALITY_TASKS)} (default 70: 210 in all)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=32, help="quality: greedy tokens per answer")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="default: bench/results/cdm.jsonl or cdm_quality.jsonl")

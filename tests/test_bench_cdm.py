@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bench import cdm as bench_cdm
+from cdm_fast import cdm, stats
 
 
 def test_measure_speed_times_score_on_a_tiny_random_llama():
@@ -58,16 +59,53 @@ def test_measure_speed_times_sampled_scoring_with_a_shared_or_a_per_sample_prefi
         assert row["params"]["decoding"] == "sampled" and row["params"]["temperature"] == 0.7
 
 
-def test_point_biserial_is_pearson_and_its_interval_brackets_it():
+def _results(rng, correct, signal):
+    """CDMResults whose CDM carries `signal` x correctness plus noise; the rest is noise."""
+    return [
+        cdm.CDMResult(
+            prompt="p",
+            completion="c",
+            cdm=float(60 + signal * ok + rng.normal(0, 5)),
+            entropy_collapse=float(rng.random()),
+            attention_sparsity=float(rng.random()),
+            basin_resistance=float(rng.random()),
+            n_tokens=3,
+            mean_logprob=float(-rng.random()),
+        )
+        for ok in correct
+    ]
+
+
+def test_validation_rows_carry_spread_auroc_and_the_gain_over_the_best_baseline():
+    rng = np.random.default_rng(0)
+    correct = rng.random(300) < 0.4
+    results = _results(rng, correct, 10.0)
+    rows = bench_cdm.validate_scores(results, correct.tolist(), resamples=300, seed=0)
+    by_score = {row["score"]: row for row in rows}
+    assert set(by_score) == set(bench_cdm.SCORES)
+    cdm_row = by_score["cdm"]
+    assert cdm_row["auroc"] == stats.auroc([r.cdm for r in results], correct) and cdm_row["auroc"] > 0.8
+    assert cdm_row["iqr"] == stats.spread([r.cdm for r in results])["iqr"]
+    assert cdm_row["auroc_ci95"][0] > 0.5 and cdm_row["auroc_minus_best_baseline_ci95"][0] > 0.0
+    assert cdm_row["best_baseline"] in bench_cdm.BASELINES and "deep_rate" in cdm_row
+    baseline = by_score["mean_logprob"]
+    assert baseline["baseline"] and "auroc_minus_best_baseline" not in baseline
+    assert 0.3 < by_score["attention_sparsity"]["auroc"] < 0.7
+    assert "CDM against the targets" in bench_cdm.format_validation(rows)
+
+
+def test_best_of_n_compares_the_top_scored_sample_with_a_random_one():
     rng = np.random.default_rng(1)
-    correct = rng.integers(0, 2, 40)
-    values = 60 + 10 * correct + rng.normal(0, 5, 40)
-    r, (low, high) = bench_cdm.point_biserial(values, correct)
-    assert r == np.corrcoef(values, correct)[0, 1]
-    assert low < r < high and high - low < 1.0
-    assert bench_cdm.point_biserial(values, correct) == (r, [low, high])  # fixed seed
-
-
-def test_point_biserial_is_nan_with_one_class():
-    r, interval = bench_cdm.point_biserial([50.0, 60.0, 70.0], [True, True, True])
-    assert math.isnan(r) and all(math.isnan(value) for value in interval)
+    correct = rng.random(400) < 0.3  # 100 prompts x 4 samples
+    rows = bench_cdm.best_of_n(_results(rng, correct, 20.0), correct.tolist(), 4, resamples=300, seed=0)
+    by_score = {row["score"]: row for row in rows}
+    marks = correct.reshape(-1, 4)
+    cdm_row = by_score["cdm"]
+    assert cdm_row["random_correct"] == pytest.approx(marks.mean()) and cdm_row["prompts"] == 100
+    assert cdm_row["oracle_correct"] == pytest.approx(marks.any(1).mean())
+    # CDM = 60 + 20 * right + N(0, 5): the top-scored sample is nearly always a right one when there is one.
+    assert cdm_row["best_correct"] == pytest.approx(cdm_row["oracle_correct"], abs=0.03)
+    assert cdm_row["best_minus_random_ci95"][0] > 0.0
+    low, high = by_score["basin_resistance"]["best_minus_random_ci95"]
+    assert low < 0.0 < high
+    assert "best − random" in bench_cdm.format_best_of_n(rows)
