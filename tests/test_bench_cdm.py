@@ -12,8 +12,9 @@ from bench import cdm as bench_cdm
 from cdm_fast import cdm, stats
 
 
-def test_measure_speed_times_score_on_a_tiny_random_llama():
-    model, tokenizer = bench_cdm.random_model(
+@pytest.fixture(scope="module")
+def tiny():
+    return bench_cdm.random_model(
         torch.device("cpu"),
         vocab_size=260,
         hidden_size=32,
@@ -23,6 +24,10 @@ def test_measure_speed_times_score_on_a_tiny_random_llama():
         num_key_value_heads=2,
         head_dim=8,
     )
+
+
+def test_measure_speed_times_score_on_a_tiny_random_llama(tiny):
+    model, tokenizer = tiny
     row = bench_cdm.measure_speed(
         model,
         tokenizer,
@@ -39,17 +44,8 @@ def test_measure_speed_times_score_on_a_tiny_random_llama():
     assert row["decoding"] == "greedy" and row["samples_per_s"] == row["prompts_per_s"]
 
 
-def test_measure_speed_times_sampled_scoring_with_a_shared_or_a_per_sample_prefill():
-    model, tokenizer = bench_cdm.random_model(
-        torch.device("cpu"),
-        vocab_size=260,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-    )
+def test_measure_speed_times_sampled_scoring_with_a_shared_or_a_per_sample_prefill(tiny):
+    model, tokenizer = tiny
     prompts = ["2 + 2 =", "a longer prompt"]
     kwargs = dict(batch_size=2, max_new_tokens=3, noise_samples=1, device=torch.device("cpu"), num_samples=3)
     for prefill in ("shared", "per sample"):
