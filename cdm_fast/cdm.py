@@ -660,11 +660,9 @@ def _score_batch(model, tokenizer, prompt_ids, settings: dict, supplied: tuple |
     order = sorted(range(len(spans)), key=lambda row: spans[row][0])
     for start in range(0, len(order), settings["batch_size"]):
         chunk = order[start : start + settings["batch_size"]]
-        visible = prompt_mask[chunk].bool().any(0).nonzero()[0, 0]  # drop the chunk's all-padding columns
-        scored = _score_spans(
-            model, input_ids[chunk, visible:], prompt_mask[chunk, visible:], generated[chunk],
-            [spans[row] for row in chunk], settings,
-        )  # fmt: skip
+        first = prompt_mask[chunk].bool().any(0).nonzero()[0, 0]  # the chunk's all-padding columns go
+        prompts = input_ids[chunk, first:], prompt_mask[chunk, first:]
+        scored = _score_spans(model, *prompts, generated[chunk], [spans[row] for row in chunk], settings)
         for row, result in zip(chunk, scored, strict=True):
             rows[row] = result | {
                 "sample": None if settings["num_samples"] is None else row % settings["num_samples"]
