@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from cdm_fast import models
+from cdm_fast import cdm, models
 from cdm_fast.cli import build_parser
 from cdm_fast.distill import lora
 from cdm_fast.distill.lora import LoraDistillConfig
@@ -227,6 +227,7 @@ def test_run_writes_everything_with_the_report_schema(tiny_run):
     assert len(rows) == 6 and sum(r["kept"] for r in rows) == 3 == on_disk["collect"]["kept"]
     assert [r["kind"] for r in rows] == ["logic"] * 4 + ["free_text"] * 2
     assert {"prompt", "completion", "cdm", "parts"} <= set(rows[0])
+    assert {r["definition"] for r in rows} == {cdm.DEFINITION}  # which CDM the filter selected by
     train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in train if r["event"] == "train" and r["run"] == "distill"] == [1, 2, 3]
     md = (out / "report.md").read_text()

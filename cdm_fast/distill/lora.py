@@ -264,7 +264,8 @@ def describe(records: list[dict], kept: list[dict], cut: float, min_examples: in
 
 
 def _record(result: cdm.CDMResult, **fields) -> dict:
-    """One dataset.jsonl row: prompt, completion, CDM and its parts, plus `fields`."""
+    """One dataset.jsonl row: prompt, completion, CDM (with the definition it was scored by) and its parts,
+    plus `fields`."""
     parts = {
         "entropy_collapse": result.entropy_collapse,
         "attention_sparsity": result.attention_sparsity,
@@ -274,6 +275,7 @@ def _record(result: cdm.CDMResult, **fields) -> dict:
         "prompt": result.prompt,
         "completion": result.completion,
         "cdm": result.cdm,
+        "definition": result.params["definition"],
         "parts": parts,
         **fields,
     }
